@@ -1,0 +1,93 @@
+"""taskq: a simple, fast distributed task queue on RabbitMQ that keeps its promises under failure.
+
+>>> from taskq import App
+>>> app = App()                 # broker URL from $TASKQ_BROKER_URL
+>>> @app.task
+... def add(x, y):
+...     return x + y
+>>> add.delay(2, 3).get(timeout=10)   # with `taskq worker -A tasks:app` running
+5
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .app import App, default_app, task
+from .config import Config
+from .errors import (
+    AppLoadError,
+    BatchPublishError,
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    ContentDisallowed,
+    DeclarationConflict,
+    DecodeError,
+    EncodeError,
+    MaxRetriesExceededError,
+    MessageDecodeError,
+    MessageNacked,
+    MessageRejected,
+    MessageTooLarge,
+    NotRegistered,
+    PublishError,
+    RemoteError,
+    ResultUnavailable,
+    Retry,
+    SerializationError,
+    SoftTimeLimitExceeded,
+    TaskExpired,
+    TaskFailure,
+    TaskqError,
+    TimeLimitExceeded,
+    TimeoutError,
+    Unroutable,
+    WorkerLostError,
+)
+from .result import AsyncResult
+from .task import Request, Task
+
+__version__ = "0.1.0"
+
+# A library logs; the application decides where it goes (``taskq worker`` sets up its own).
+logging.getLogger("taskq").addHandler(logging.NullHandler())
+
+__all__ = [
+    "App",
+    "AppLoadError",
+    "AsyncResult",
+    "BatchPublishError",
+    "BrokerError",
+    "BrokerUnavailable",
+    "Config",
+    "ConfigurationError",
+    "ContentDisallowed",
+    "DeclarationConflict",
+    "DecodeError",
+    "EncodeError",
+    "MaxRetriesExceededError",
+    "MessageDecodeError",
+    "MessageNacked",
+    "MessageRejected",
+    "MessageTooLarge",
+    "NotRegistered",
+    "PublishError",
+    "RemoteError",
+    "Request",
+    "ResultUnavailable",
+    "Retry",
+    "SerializationError",
+    "SoftTimeLimitExceeded",
+    "Task",
+    "TaskExpired",
+    "TaskFailure",
+    "TaskqError",
+    "TimeLimitExceeded",
+    "TimeoutError",
+    "Unroutable",
+    "WorkerLostError",
+    "__version__",
+    "default_app",
+    "task",
+]

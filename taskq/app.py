@@ -1,0 +1,325 @@
+"""App: configuration, the task registry, and the wiring from ``.delay()`` to the broker."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Concatenate, Literal, overload
+
+from .broker import Broker, broker_for
+from .config import Config
+from .errors import BatchPublishError, ConfigurationError
+from .message import Envelope, task_envelope
+from .producer import Producer
+from .replies import ReplyConsumer
+from .result import AsyncResult
+from .task import P, R, Task, TaskOptions, main_module_name, new_task_id, resolve_schedule
+
+log = logging.getLogger("taskq")
+
+
+class App:
+    """A taskq application: where tasks are registered and how they reach the broker.
+
+    ``App()`` reads the broker URL from ``$TASKQ_BROKER_URL`` (default: a local RabbitMQ).
+    Other settings are keyword arguments (see :class:`taskq.Config`). Nothing connects until
+    the first task is sent, so creating an App at import time is cheap and fork-safe.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        default_queue: str = "taskq",
+        main: str | None = None,
+        **settings: Any,
+    ) -> None:
+        self.config = Config.from_settings(broker_url, default_queue=default_queue, **settings)
+        #: Module name used for tasks defined in a script run as ``__main__``.
+        self.main = main
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._lock = threading.RLock()
+        self._broker: Broker | None = None
+        self._producer: Producer | None = None
+        self._replies: ReplyConsumer | None = None
+        self._local = threading.local()  # the batch being collected, per thread
+
+    def __repr__(self) -> str:
+        return f"<taskq.App {self.config.display_url} tasks={len(self.tasks)}>"
+
+    # -- registering tasks --------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = ...,
+        queue: str | None = ...,
+        bind: Literal[False] = ...,
+        ignore_result: bool = ...,
+        max_retries: int | None = ...,
+        default_retry_delay: float = ...,
+        autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_backoff: float | bool = ...,
+        retry_backoff_max: float = ...,
+        retry_jitter: bool = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = ...,
+        queue: str | None = ...,
+        bind: Literal[True],
+        ignore_result: bool = ...,
+        max_retries: int | None = ...,
+        default_retry_delay: float = ...,
+        autoretry_for: Sequence[type[BaseException]] = ...,
+        retry_backoff: float | bool = ...,
+        retry_backoff_max: float = ...,
+        retry_jitter: bool = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
+
+    def task(self, *fns: Callable[..., Any], **options: Any) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., queue=...)``."""
+        if len(fns) > 1 or (fns and options):
+            raise ConfigurationError("use @app.task or @app.task(option=...), with keywords only")
+        if fns:
+            return self._register(fns[0], options)
+        return lambda f: self._register(f, options)
+
+    def _register(self, fn: Callable[..., Any], options: Mapping[str, Any]) -> Task[Any, Any]:
+        if not callable(fn):
+            raise ConfigurationError(f"@task needs a function, got {fn!r}")
+        opts = dict(options)
+        if "autoretry_for" in opts:
+            opts["autoretry_for"] = tuple(opts["autoretry_for"])
+        name = opts.pop("name", None) or self._default_name(fn)
+        try:
+            task_options = TaskOptions(name=name, **opts)
+        except TypeError as exc:
+            raise ConfigurationError(f"@task({', '.join(options)}): {exc}") from None
+        existing = self.tasks.get(name)
+        if existing is not None and existing.fn is not fn and _source(existing.fn) != _source(fn):
+            raise ConfigurationError(
+                f"two different functions are registered as task {name!r}; give one a name= "
+            )
+        task: Task[Any, Any] = Task(self, fn, task_options)
+        self.tasks[name] = task
+        return task
+
+    def _default_name(self, fn: Callable[..., Any]) -> str:
+        module = fn.__module__
+        if module == "__main__":
+            module = self.main or main_module_name()
+        return f"{module}.{fn.__qualname__}"
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    self._broker = broker_for(self.config)
+        return self._broker
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            with self._lock:
+                if self._producer is None:
+                    self._producer = Producer(self.broker, self.config, lambda: self._replies)
+        return self._producer
+
+    @property
+    def replies(self) -> ReplyConsumer:
+        if self._replies is None:
+            with self._lock:
+                if self._replies is None:
+                    self._replies = ReplyConsumer(self.broker, self.config)
+                    _close_at_exit(self)
+        return self._replies
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        task_id: str | None = None,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        ignore_result: bool = False,
+    ) -> AsyncResult[Any]:
+        """Send a task by name (it need not be defined in this process)."""
+        if countdown is None and eta is None and expires is None:
+            delay, expires_at = 0.0, None
+        else:
+            eta, delay, expires_at = resolve_schedule(countdown, eta, expires)
+        task_id = task_id or new_task_id()
+        config = self.config
+        pending = None
+        reply_to = None
+        if not ignore_result:
+            replies = self.replies
+            pending = replies.expect(task_id)
+            reply_to = replies.queue
+        envelope = task_envelope(
+            task_id=task_id,
+            name=name,
+            args=tuple(args),
+            kwargs=kwargs or {},
+            queue=queue or config.default_queue,
+            serializer=config.serializer,
+            reply_to=reply_to,
+            eta=eta,
+            expires=expires_at,
+            delay=delay,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            ignore_result=ignore_result,
+        )
+        result: AsyncResult[Any] = AsyncResult(task_id, name, pending, self._replies)
+        batch: Batch | None = getattr(self._local, "batch", None)
+        if batch is not None:
+            self.producer.check_size(envelope)
+            batch.envelopes.append(envelope)
+            return result
+        try:
+            self.producer.send(envelope)
+        except BaseException:
+            if pending is not None:
+                self.replies.forget(task_id)
+            raise
+        return result
+
+    @contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """Send every task of the block together, with pipelined publisher confirms.
+
+        ``.delay()`` inside the block returns its AsyncResult at once; the messages go out
+        when the block ends, and the block returns only once the broker has confirmed every
+        one of them. If some were not confirmed it raises :class:`taskq.BatchPublishError`
+        naming them (the others are queued). If the block raises, nothing is sent.
+        Many times faster than a ``.delay()`` loop, which waits for each confirm in turn.
+        """
+        outer: Batch | None = getattr(self._local, "batch", None)
+        if outer is not None:  # nested: part of the outer batch
+            yield outer
+            return
+        batch = Batch()
+        self._local.batch = batch
+        try:
+            yield batch
+        except BaseException:
+            self._forget(batch.envelopes)
+            raise
+        finally:
+            self._local.batch = None
+        self._send_batch(batch.envelopes)
+
+    def _send_batch(self, envelopes: list[Envelope]) -> None:
+        if not envelopes:
+            return
+        try:
+            refused = self.producer.send_many(envelopes)
+        except BatchPublishError as exc:
+            failed = set(exc.failed)
+            self._forget([e for e in envelopes if e.task_id in failed])
+            raise
+        if refused:
+            self._forget([e for e in envelopes if e.task_id in refused])
+            examples = "; ".join(f"{tid}: {why}" for tid, why in list(refused.items())[:3])
+            raise BatchPublishError(
+                f"{len(refused)} of {len(envelopes)} tasks were not queued ({examples})",
+                failed=list(refused),
+            )
+
+    def _forget(self, envelopes: list[Envelope]) -> None:
+        if self._replies is not None:
+            for envelope in envelopes:
+                self._replies.forget(envelope.task_id)
+
+    def close(self) -> None:
+        """Close connections and delete this process's reply queue. Safe to call twice."""
+        if self._replies is not None:
+            self._replies.close()
+        if self._producer is not None:
+            self._producer.close()
+
+
+class Batch:
+    """The task messages collected by ``with app.batch():``, sent when the block ends."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    def __len__(self) -> int:
+        return len(self.envelopes)
+
+
+def _source(fn: Callable[..., Any]) -> tuple[str, int]:
+    code = getattr(fn, "__code__", None)
+    return (getattr(code, "co_filename", ""), getattr(code, "co_firstlineno", 0))
+
+
+_open_apps: weakref.WeakSet[App] = weakref.WeakSet()
+
+
+def _close_at_exit(app: App) -> None:
+    _open_apps.add(app)
+
+
+@atexit.register
+def _close_open_apps() -> None:
+    pid = os.getpid()
+    for app in list(_open_apps):
+        try:
+            if app._replies is not None and app._replies._pid == pid:
+                app.close()
+        except Exception:
+            pass
+
+
+# -- a default app, for small scripts ---------------------------------------------------------
+
+_default_app: App | None = None
+_default_lock = threading.Lock()
+
+
+def default_app() -> App:
+    """The app ``taskq.task`` registers on: built from the environment on first use."""
+    global _default_app
+    if _default_app is None:
+        with _default_lock:
+            if _default_app is None:
+                _default_app = App()
+    return _default_app
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task(**options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+def task(*fns: Callable[..., Any], **options: Any) -> Any:
+    """``@taskq.task``: register on the default app (``$TASKQ_BROKER_URL``)."""
+    return default_app().task(*fns, **options)

@@ -1,0 +1,25 @@
+"""The ``taskq`` command."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .dlq import dlq
+from .worker import worker
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="taskq")
+def main() -> None:
+    """taskq: a distributed task queue on RabbitMQ.
+
+    \b
+    Start a worker for the tasks of tasks.py:
+        taskq worker -A tasks:app -c 4
+    The broker URL comes from the App (default: $TASKQ_BROKER_URL).
+    """
+
+
+main.add_command(worker)
+main.add_command(dlq)

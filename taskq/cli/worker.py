@@ -1,0 +1,101 @@
+"""``taskq worker``: serve the tasks of an app."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from ..errors import TaskqError
+from ..loading import load_app
+from ..logs import setup_logging
+
+APP_HELP = "The app to serve, as module:attribute (e.g. tasks:app). [env: TASKQ_APP]"
+QUEUES_HELP = "Comma-separated queues to consume. [default: the app's default_queue, 'taskq']"
+CONCURRENCY_HELP = "Tasks run at once, each in its own process. [default: number of CPUs]"
+POOL_HELP = (
+    "Run each slot as a process (CPU-bound tasks use N cores) or as a thread of one "
+    "process (I/O-bound tasks; no soft time limits)."
+)
+LOGLEVEL_HELP = "Log level."
+TIME_LIMIT_HELP = "Hard time limit per task, seconds: the task's process is killed."
+SOFT_TIME_LIMIT_HELP = "Soft time limit per task, seconds: SoftTimeLimitExceeded is raised in it."
+SHUTDOWN_HELP = "On SIGTERM/SIGINT, how long running tasks may take to finish, seconds."
+
+LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+@click.command()
+@click.option("-A", "--app", "app_spec", envvar="TASKQ_APP", required=True, help=APP_HELP)
+@click.option("-Q", "--queues", envvar="TASKQ_QUEUES", help=QUEUES_HELP)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    envvar="TASKQ_CONCURRENCY",
+    help=CONCURRENCY_HELP,
+)
+@click.option(
+    "-P",
+    "--pool",
+    type=click.Choice(["process", "threads"]),
+    default="process",
+    show_default=True,
+    help=POOL_HELP,
+)
+@click.option(
+    "-l",
+    "--loglevel",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    envvar="TASKQ_LOGLEVEL",
+    help=LOGLEVEL_HELP,
+)
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help=TIME_LIMIT_HELP)
+@click.option(
+    "--soft-time-limit", type=click.FloatRange(min=0, min_open=True), help=SOFT_TIME_LIMIT_HELP
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help=SHUTDOWN_HELP,
+)
+def worker(
+    app_spec: str,
+    queues: str | None,
+    concurrency: int | None,
+    pool: str,
+    loglevel: str,
+    time_limit: float | None,
+    soft_time_limit: float | None,
+    shutdown_timeout: float,
+) -> None:
+    """Run tasks from the queues of an app.
+
+    Each of the -c slots takes one message at a time (prefetch 1) and acks it only after the
+    task ran and its result was sent, so a worker that dies loses nothing.
+    """
+    from ..worker import Worker
+
+    level = logging.getLevelName(loglevel.upper())
+    setup_logging(level)
+    try:
+        app = load_app(app_spec)
+        names = [q.strip() for q in queues.split(",")] if queues else None
+        code = Worker(
+            app,
+            app_spec=app_spec,
+            queues=names,
+            concurrency=concurrency,
+            pool=pool,
+            loglevel=level,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            shutdown_timeout=shutdown_timeout,
+        ).run()
+    except TaskqError as exc:
+        raise click.ClickException(str(exc)) from None
+    raise SystemExit(code)

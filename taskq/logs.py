@@ -1,0 +1,22 @@
+"""Logging setup for the worker and its child processes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int | str) -> None:
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # py-amqp logs every frame at DEBUG; keep it out unless asked for explicitly.
+    logging.getLogger("amqp").setLevel(max(int(level), logging.INFO))

@@ -1,0 +1,122 @@
+"""AsyncResult: the caller's handle on a task's outcome."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from . import states
+from .errors import ResultUnavailable, TimeoutError
+from .message import exception_from_wire
+
+if TYPE_CHECKING:
+    from .replies import Pending, ReplyConsumer
+
+R = TypeVar("R")
+
+
+class AsyncResult(Generic[R]):
+    """A task's outcome, once the worker has reported it.
+
+    Wait with :meth:`get` from any thread; results of many tasks may be waited on in any order.
+    A result that arrives before anyone waits is kept here until asked for.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        task_name: str,
+        pending: Pending | None,
+        consumer: ReplyConsumer | None,
+    ) -> None:
+        self.id = task_id
+        self.task_name = task_name
+        self._pending = pending
+        self._consumer = consumer
+        self._exception: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.task_name}[{self.id}] {self.state}>"
+
+    @property
+    def state(self) -> str:
+        """PENDING until the outcome arrives (RETRY while retrying), then SUCCESS or FAILURE."""
+        pending = self._pending
+        if pending is None:
+            return states.PENDING
+        if not pending.done and self._consumer is not None:
+            self._consumer.poll()  # file whatever already arrived
+        return pending.state
+
+    def ready(self) -> bool:
+        return self.state in states.READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == states.SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == states.FAILURE
+
+    @property
+    def result(self) -> R | BaseException | None:
+        """The return value, or the exception if the task failed, or None if not ready."""
+        meta = self._meta()
+        if meta is None:
+            return None
+        if meta.get("status") == states.FAILURE:
+            return self._failure(meta)
+        return cast(R, meta.get("result"))
+
+    @property
+    def traceback(self) -> str | None:
+        """The worker's formatted traceback of a failed task."""
+        meta = self._meta()
+        return meta.get("traceback") if meta else None
+
+    def _meta(self) -> dict[str, Any] | None:
+        pending = self._pending
+        if pending is None:
+            return None
+        if not pending.done and self._consumer is not None:
+            self._consumer.poll()
+        return pending.meta if pending.done else None
+
+    def _failure(self, meta: dict[str, Any]) -> BaseException:
+        if self._exception is None:
+            self._exception = exception_from_wire(meta.get("result"), meta.get("traceback"))
+        return self._exception
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Wait for the outcome and return the task's value.
+
+        Raises the task's exception if it failed (builtins as themselves, other types as
+        :class:`taskq.RemoteError`); with ``propagate=False`` returns it instead.
+        Raises :class:`taskq.TimeoutError` if ``timeout`` seconds pass first.
+        """
+        pending = self._pending
+        if pending is None:
+            raise ResultUnavailable(
+                f"task {self.task_name}[{self.id}] was sent with ignore_result: no result "
+                "will come back"
+            )
+        if not pending.done:
+            self._wait(pending, timeout)
+        meta = pending.meta
+        assert meta is not None
+        if meta.get("status") == states.FAILURE:
+            exc = self._failure(meta)
+            if propagate:
+                raise exc
+            return exc  # type: ignore[return-value]
+        return cast(R, meta.get("result"))
+
+    def _wait(self, pending: Pending, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._consumer is not None:
+            self._consumer.wait(pending, deadline)
+        if not pending.done:
+            raise TimeoutError(
+                f"task {self.task_name}[{self.id}] gave no result within {timeout:g}s (state "
+                f"{pending.state}); it may still be queued or running: get() can be called "
+                "again"
+            )

@@ -88,23 +88,22 @@ def thread_waker() -> Waker:
 class Pending:
     """The slot a result lands in; shared by the reading thread and any waiting threads."""
 
-    __slots__ = ("__weakref__", "done", "meta", "pid", "state", "task_id", "waker")
+    __slots__ = ("__weakref__", "done", "meta", "pid", "state", "task_id", "wakers")
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        #: Set once the final result is filed; then ``waker`` (if a thread waits) is woken.
+        #: Set once the final result is filed; then the ``wakers`` of waiting threads are woken.
         self.done = False
         self.meta: dict[str, Any] | None = None
         self.state: str = states.PENDING
         self.pid = os.getpid()
-        self.waker: Waker | None = None
+        self.wakers: list[Waker] = []
 
     def resolve(self, meta: dict[str, Any]) -> None:
         self.meta = meta
         self.state = str(meta.get("status"))
         self.done = True
-        waker = self.waker
-        if waker is not None:
+        for waker in tuple(self.wakers):
             waker.wake()
 
 
@@ -270,7 +269,7 @@ class ReplyConsumer:
         started = time.monotonic()
         watching: ClientConnection | None = None
         waker = thread_waker()
-        pending.waker = waker  # before looking at ``done``: a result filed now wakes us
+        pending.wakers.append(waker)  # before looking at ``done``: a result filed now wakes us
         poller = select.poll()
         try:
             while not pending.done:
@@ -304,7 +303,7 @@ class ReplyConsumer:
                 if any(fd == waker.fd for fd, _ in poller.poll(int(step * 1000) + 1)):
                     waker.clear()
         finally:
-            pending.waker = None
+            pending.wakers.remove(waker)
 
     def _read(self, conn: ClientConnection) -> None:
         """File what arrived on the primary connection (we hold the lead)."""

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import amqp
@@ -58,6 +59,22 @@ def test_results_are_waited_on_from_other_threads(
     for t in threads:
         t.join(60)
     assert sorted(seen.values()) == [i + 1 for i in range(40)]
+
+
+def test_many_threads_wait_on_one_result(tasks: SimpleNamespace, worker: WorkerProcess,
+                                         tmp_path: Path) -> None:
+    """Threads already waiting on the same result when it arrives all get it."""
+    release = tmp_path / "release"
+    result = tasks.wait_for_file.delay(str(release))
+    got: list[int] = []
+    threads = [threading.Thread(target=lambda: got.append(result.get(timeout=30)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    release.touch()
+    for t in threads:
+        t.join(60)
+    assert len(got) == 4 and len(set(got)) == 1, got
 
 
 def test_get_times_out_with_a_builtin_compatible_error(tasks: SimpleNamespace) -> None:

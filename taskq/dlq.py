@@ -1,132 +1,124 @@
-"""Dead letters: reading, replaying and purging ``<queue>.dlq`` (what ``taskq dlq`` runs).
+"""Dead letters: reading, replaying and purging them (what ``taskq dlq`` runs), on any broker.
 
-A dead letter is the original message plus why it could not be processed (see
-:mod:`taskq.worker.letters`).  Replaying publishes it back to the queue it came from, as it was
-first sent, and removes it from the dead-letter queue only once the broker confirmed the copy.
+A dead letter is the original message plus why it could not be processed. Replaying sends it
+back to the queue it came from, as it was first sent (an expired one with its expiry cleared),
+and removes the letter only once the broker has stored the copy. Letters are read one at a
+time, so any number of them costs bounded memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .app import App
-from .broker.amqp.admin import QueueAdmin
-from .broker.amqp.topology import dead_letter_queue_name
+from .broker.base import Admin, DeadLetter
+from .copies import replayed
+from .errors import BrokerError
 from .message import Delivery, bounded_repr, parse_body
-from .worker import letters
 
 
-def work_queue_name(queue: str) -> str:
-    """Accept either the work queue's name or its dead-letter queue's."""
-    return queue[: -len(".dlq")] if queue.endswith(".dlq") else queue
+def details(letter: DeadLetter) -> dict[str, Any]:
+    """Everything worth showing about a dead letter, in reading order."""
+    h = letter.headers
+    return {
+        "id": letter.id,
+        "task": letter.task,
+        "queue": letter.original_queue,
+        "exception": letter.exception,
+        "reason": letter.reason,
+        "dead at": letter.dead_at,
+        "worker": letter.worker,
+        **_arguments(letter),
+        "retries": h.get("retries", 0),
+        "eta": h.get("eta"),
+        "expires": h.get("expires"),
+        "reply to": letter.reply_to,
+        "content type": letter.content_type,
+        "body": f"{len(letter.body)} bytes",
+    }
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    id: str
-    task: str
-    exception: str
-    reason: str
-    dead_at: str
-    original_queue: str
-    worker: str
-    delivery: Delivery
+def _arguments(letter: DeadLetter) -> dict[str, str]:
+    """The arguments, decoded from the body if it is JSON (never unpickled here)."""
+    delivery = Delivery(letter.body, letter.content_type, letter.headers, None, None, False, "")
+    try:
+        args, kwargs = parse_body(delivery, ("json",))
+    except Exception as exc:  # an undecodable body is often why it is here
+        h = letter.headers
+        if "argsrepr" in h:  # a Celery client sends reprs of its own
+            return {"args": str(h["argsrepr"]), "kwargs": str(h.get("kwargsrepr", ""))}
+        return {"args": f"(body not readable as JSON: {exc})", "kwargs": ""}
+    return {"args": bounded_repr(tuple(args)), "kwargs": bounded_repr(kwargs)}
 
-    @classmethod
-    def from_delivery(cls, delivery: Delivery, queue: str) -> DeadLetter:
-        h = delivery.headers
-        return cls(
-            id=delivery.task_id or "?",
-            task=delivery.task_name or "?",
-            exception=str(h.get(letters.DEAD_EXCEPTION, "?")),
-            reason=str(h.get(letters.DEAD_REASON, "(no reason recorded)")),
-            dead_at=str(h.get(letters.DEAD_AT, "?")),
-            original_queue=str(h.get(letters.DEAD_QUEUE) or queue),
-            worker=str(h.get(letters.DEAD_WORKER, "?")),
-            delivery=delivery,
-        )
 
-    def details(self) -> dict[str, Any]:
-        """Everything worth showing about it, in reading order."""
-        h = self.delivery.headers
-        return {
-            "id": self.id,
-            "task": self.task,
-            "queue": self.original_queue,
-            "exception": self.exception,
-            "reason": self.reason,
-            "dead at": self.dead_at,
-            "worker": self.worker,
-            **self._arguments(),
-            "retries": h.get("retries", 0),
-            "eta": h.get("eta"),
-            "expires": h.get("expires"),
-            "reply to": self.delivery.reply_to,
-            "content type": self.delivery.content_type,
-            "body": f"{len(self.delivery.body)} bytes",
-        }
-
-    def _arguments(self) -> dict[str, str]:
-        """The arguments, decoded from the body if it is JSON (never unpickled here)."""
-        try:
-            args, kwargs = parse_body(self.delivery, ("json",))
-        except Exception as exc:  # an undecodable body is often why it is here
-            h = self.delivery.headers
-            if "argsrepr" in h:  # a Celery client sends reprs of its own
-                return {"args": str(h["argsrepr"]), "kwargs": str(h.get("kwargsrepr", ""))}
-            return {"args": f"(body not readable as JSON: {exc})", "kwargs": ""}
-        return {"args": bounded_repr(tuple(args)), "kwargs": bounded_repr(kwargs)}
+def _rebuild(letter: DeadLetter) -> tuple[Any, str]:
+    return replayed(
+        letter.body,
+        letter.content_type,
+        letter.headers,
+        letter.id if letter.id != "?" else None,
+        letter.reply_to,
+        letter.original_queue,
+    )
 
 
 class DeadLetters:
     def __init__(self, app: App) -> None:
         self.app = app
 
-    def _admin(self) -> QueueAdmin:
+    def _admin(self) -> Admin:
         broker = self.app.broker
-        return QueueAdmin(
-            broker.connector, broker.declared, timeout=self.app.config.publish_timeout
-        )
+        try:
+            return broker.admin(timeout=self.app.config.publish_timeout)
+        except BrokerError:
+            raise
+        except Exception as exc:
+            if not broker.is_recoverable(exc):
+                raise
+            raise BrokerError(
+                f"could not reach the broker at {broker.display_url} ({broker.describe(exc)}). "
+                f"{broker.unreachable_hint}"
+            ) from None
+
+    def name(self, queue: str) -> str:
+        return self.app.broker.dead_letter_name(work_queue_name(queue))
 
     def browse(self, queue: str, limit: int = 50) -> tuple[int, list[DeadLetter]]:
         """(how many there are, the first ``limit`` of them); nothing is removed."""
-        dlq = dead_letter_queue_name(work_queue_name(queue))
         with self._admin() as admin:
-            total = admin.size(dlq)
-            found = [
-                DeadLetter.from_delivery(d, work_queue_name(queue))
-                for d in admin.read(dlq, min(limit, total))
-            ]
-        return total, found
+            queue = work_queue_name(queue)
+            total = admin.dead_letter_count(queue)
+            first = list(itertools.islice(admin.dead_letters(queue), min(limit, total)))
+        return total, first
 
     def find(self, task_id: str, queues: Iterable[str]) -> DeadLetter | None:
-        for queue in queues:
-            dlq = dead_letter_queue_name(work_queue_name(queue))
-            with self._admin() as admin:
-                for delivery in admin.read(dlq, admin.size(dlq)):
-                    if delivery.task_id == task_id:
-                        return DeadLetter.from_delivery(delivery, work_queue_name(queue))
+        with self._admin() as admin:
+            for queue in queues:
+                for letter in admin.dead_letters(work_queue_name(queue)):
+                    if letter.id == task_id:
+                        return letter
         return None
 
-    def replay(self, queue: str, ids: Iterable[str] | None = None) -> list[DeadLetter]:
-        """Send dead letters (those with ``ids``, or all) back to their queue to run again."""
+    def replay(
+        self, queue: str, ids: Iterable[str] | None = None
+    ) -> Iterator[tuple[DeadLetter, str]]:
+        """Send dead letters (those with ``ids``, or all) back to their queue to run again;
+        yields each replayed with a note ("" or what was changed so that it runs)."""
         wanted = set(ids) if ids is not None else None
-        dlq = dead_letter_queue_name(work_queue_name(queue))
-        replayed: list[DeadLetter] = []
         with self._admin() as admin:
-            # Only what is there now: a replayed message that fails again comes back behind.
-            for delivery in admin.read(dlq, admin.size(dlq)):
-                if wanted is not None and delivery.task_id not in wanted:
-                    continue
-                letter = DeadLetter.from_delivery(delivery, work_queue_name(queue))
-                admin.publish(letters.replay(delivery, letter.original_queue))
-                admin.ack(delivery)
-                replayed.append(letter)
-            admin.release()
-        return replayed
+            yield from admin.replay(
+                work_queue_name(queue),
+                lambda letter: wanted is None or letter.id in wanted,
+                _rebuild,
+            )
 
     def purge(self, queue: str) -> int:
         with self._admin() as admin:
-            return admin.purge(dead_letter_queue_name(work_queue_name(queue)))
+            return int(admin.purge(work_queue_name(queue)))
+
+
+def work_queue_name(queue: str) -> str:
+    """Accept either the work queue's name or its dead letters' (``QUEUE.dlq``)."""
+    return queue[: -len(".dlq")] if queue.endswith(".dlq") else queue

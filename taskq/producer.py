@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .broker import Broker
-from .broker.amqp.client import ClientConnection
+from .broker.base import ClientLink
 from .config import Config
 from .errors import BatchPublishError, BrokerUnavailable, MessageTooLarge, PublishError
 from .message import Envelope
@@ -29,7 +29,7 @@ log = logging.getLogger("taskq.publish")
 #: Idle connections kept for reuse; more threads than this still work, they just reconnect.
 MAX_IDLE = 16
 
-Attempt = Callable[[ClientConnection, float], None]
+Attempt = Callable[[ClientLink, float], None]
 
 
 class Producer:
@@ -39,7 +39,7 @@ class Producer:
         self.broker = broker
         self.config = config
         self._replies = replies
-        self._idle: list[tuple[ClientConnection, float]] = []
+        self._idle: list[tuple[ClientLink, float]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         # An idle connection older than this may have been dropped by the broker for missed
@@ -48,7 +48,7 @@ class Producer:
 
     # -- the pool ------------------------------------------------------------------------------
 
-    def _acquire(self, deadline: float) -> ClientConnection:
+    def _acquire(self, deadline: float) -> ClientLink:
         if self._pid != os.getpid():
             self._after_fork()
         now = time.monotonic()
@@ -58,11 +58,11 @@ class Producer:
                 if now - since < self._max_idle_age:
                     return conn
                 conn.drop()
-        return self.broker.client_connection(
+        return self.broker.client_link(
             timeout=max(0.05, deadline - time.monotonic()), name="taskq producer"
         )
 
-    def _release(self, conn: ClientConnection) -> None:
+    def _release(self, conn: ClientLink) -> None:
         if conn.pid != os.getpid():
             return
         with self._lock:
@@ -114,7 +114,7 @@ class Producer:
         confirmed: set[str] = set()
         refused: dict[str, str] = {}
 
-        def attempt(conn: ClientConnection, deadline: float) -> None:
+        def attempt(conn: ClientLink, deadline: float) -> None:
             remaining = [
                 e for e in envelopes if e.task_id not in confirmed and e.task_id not in refused
             ]
@@ -200,5 +200,5 @@ class Producer:
         detail = self.broker.describe(last) if last else "no answer"
         return (
             f"could not {what} within {seconds:g}s: the broker at {url} did not confirm it "
-            f"({detail}). Is RabbitMQ running and reachable? (publish_timeout={seconds:g}s)"
+            f"({detail}). {self.broker.unreachable_hint} (publish_timeout={seconds:g}s)"
         )

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import serialization, states
 from .broker import Broker
-from .broker.amqp.client import ClientConnection
+from .broker.base import ClientLink
 from .config import Config
 from .errors import BrokerUnavailable, DecodeError, ResultUnavailable
 from .message import Delivery, exception_to_wire
@@ -133,7 +133,7 @@ class ReplyConsumer:
         self._pending: weakref.WeakValueDictionary[str, Pending] = weakref.WeakValueDictionary()
         self._cond = threading.Condition()
         self._leading = False
-        self._primary: ClientConnection | None = None
+        self._primary: ClientLink | None = None
         self._started = False
         self._keeper: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -171,11 +171,11 @@ class ReplyConsumer:
             )
             self._keeper.start()
 
-    def _connect(self, *, must_exist: bool, deadline: float) -> ClientConnection:
+    def _connect(self, *, must_exist: bool, deadline: float) -> ClientLink:
         delay = 0.05
         while True:
             try:
-                conn = self.broker.client_connection(
+                conn = self.broker.client_link(
                     timeout=max(0.05, deadline - time.monotonic()), name="taskq client"
                 )
                 try:
@@ -195,7 +195,7 @@ class ReplyConsumer:
                     raise BrokerUnavailable(
                         f"could not open a reply queue within {self.config.publish_timeout:g}s:"
                         f" the broker at {self.broker.display_url} did not answer "
-                        f"({self.broker.describe(exc)}). Is RabbitMQ running and reachable?"
+                        f"({self.broker.describe(exc)}). {self.broker.unreachable_hint}"
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -222,7 +222,7 @@ class ReplyConsumer:
             self._leading = False
             self._cond.notify_all()
 
-    def lend(self) -> ClientConnection | None:
+    def lend(self) -> ClientLink | None:
         """The primary connection, for publishing, if it is up and no other thread uses it.
 
         Waits a moment if another thread reads right now (the lead is held for microseconds)
@@ -235,7 +235,7 @@ class ReplyConsumer:
             self._release_lead()
         return self._primary
 
-    def give_back(self, conn: ClientConnection, error: BaseException | None = None) -> None:
+    def give_back(self, conn: ClientLink, error: BaseException | None = None) -> None:
         """Return a lent connection; after a connection error the keeper reconnects."""
         try:
             if error is not None and conn is self._primary and self.broker.is_recoverable(error):
@@ -267,7 +267,7 @@ class ReplyConsumer:
         holding the lead, so senders are never kept waiting by a caller waiting for a result.
         """
         started = time.monotonic()
-        watching: ClientConnection | None = None
+        watching: ClientLink | None = None
         waker = thread_waker()
         pending.wakers.append(waker)  # before looking at ``done``: a result filed now wakes us
         poller = select.poll()
@@ -305,11 +305,11 @@ class ReplyConsumer:
         finally:
             pending.wakers.remove(waker)
 
-    def _read(self, conn: ClientConnection) -> None:
+    def _read(self, conn: ClientLink) -> None:
         """File what arrived on the primary connection (we hold the lead)."""
         try:
             conn.drain()
-            conn.heartbeat_tick()  # a long get() may be all that reads it: keep it alive
+            conn.tick()  # a long get() may be all that reads it: keep it alive
         except Exception as exc:
             if not self.broker.is_recoverable(exc):
                 raise
@@ -406,7 +406,7 @@ class ReplyConsumer:
                     delay = self._reconnect(delay)
                     continue
                 self._primary.drain()
-                self._primary.heartbeat_tick()
+                self._primary.tick()
             except Exception as exc:
                 if stopping.is_set():
                     break
@@ -449,7 +449,7 @@ class ReplyConsumer:
         if conn is None:
             return
         with contextlib.suppress(Exception):  # best effort: x-expires deletes it anyway
-            conn.channel.channel.queue_delete(self.queue)
+            conn.delete_replies(self.queue)
         conn.close()
 
     def _after_fork(self) -> None:

@@ -1,19 +1,37 @@
-"""Everything broker-specific lives below this package; the rest of taskq sees this surface.
+"""Brokers: one interface (:mod:`taskq.broker.base`), one package per broker below it.
 
-* ``client_connection()``: confirmed, ``mandatory`` publishing, and (on one connection per
-  process) the reply queue; used by one thread at a time;
-* ``slot_connection()``: a worker slot's connection (prefetch 1, manual acks, dead letters).
-
-RabbitMQ is the production broker (:mod:`taskq.broker.amqp`).
+The URL's scheme picks the broker: ``amqp://`` / ``amqps://`` is RabbitMQ
+(:mod:`taskq.broker.amqp`). Nothing outside a broker's package speaks its concepts.
 """
 
 from __future__ import annotations
 
 from ..config import Config
-from .amqp import AmqpBroker
+from ..errors import ConfigurationError
+from .base import Admin, Broker, ClientLink, DeadLetter, Reply, SlotLink, WorkerSupport
 
-Broker = AmqpBroker
+__all__ = [
+    "Admin",
+    "Broker",
+    "ClientLink",
+    "DeadLetter",
+    "Reply",
+    "SlotLink",
+    "WorkerSupport",
+    "broker_for",
+]
+
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 
 def broker_for(config: Config) -> Broker:
-    return AmqpBroker(config)
+    """The broker the configured URL names."""
+    scheme = config.broker_url.split("://", 1)[0].lower() if "://" in config.broker_url else ""
+    if scheme in AMQP_SCHEMES:
+        from .amqp import AmqpBroker
+
+        return AmqpBroker(config)
+    raise ConfigurationError(
+        f"broker URL {config.display_url} names no broker taskq knows: use "
+        "amqp://user:password@host:5672/vhost (RabbitMQ; amqps:// for TLS)"
+    )

@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 import click
 
 from ..app import App
-from ..dlq import DeadLetter, DeadLetters, work_queue_name
+from ..broker.base import DeadLetter
+from ..dlq import DeadLetters, details
 from ..errors import TaskqError
 from ..loading import load_app
 
@@ -87,7 +88,7 @@ def _table(letters: list[DeadLetter]) -> list[str]:
 def list_(letters: DeadLetters, queue: str, limit: int) -> None:
     """List the dead letters of QUEUE (nothing is removed)."""
     total, found = letters.browse(queue, limit)
-    name = f"{work_queue_name(queue)}.dlq"
+    name = letters.name(queue)
     if not total:
         click.echo(f"{name}: empty")
         return
@@ -114,10 +115,10 @@ def show(letters: DeadLetters, task_id: str, queues: str) -> None:
     found = letters.find(task_id, names)
     if found is None:
         raise click.ClickException(
-            f"no dead letter with id {task_id} in {', '.join(f'{q}.dlq' for q in names)} "
+            f"no dead letter with id {task_id} in {', '.join(letters.name(q) for q in names)} "
             "(use -Q to search other queues)"
         )
-    for key, value in found.details().items():
+    for key, value in details(found).items():
         click.echo(f"{key + ':':14} {value}")
 
 
@@ -130,15 +131,19 @@ def replay(letters: DeadLetters, queue: str, ids: tuple[str, ...], everything: b
     """Send dead letters of QUEUE back to their queue, to run again."""
     if bool(ids) == everything:
         raise click.UsageError("say which: --id ID (repeatable) or --all")
-    done = letters.replay(queue, None if everything else ids)
-    missing = sorted(set(ids) - {d.id for d in done})
-    for letter in done:
-        click.echo(f"replayed {letter.id} ({letter.task}) to {letter.original_queue}")
-    click.echo(f"{len(done)} replayed")
-    if missing:
-        raise click.ClickException(
-            f"not found in {work_queue_name(queue)}.dlq: {', '.join(missing)}"
+    found: set[str] = set()
+    count = 0
+    for letter, note in letters.replay(queue, None if everything else ids):
+        found.add(letter.id)
+        count += 1
+        click.echo(
+            f"replayed {letter.id} ({letter.task}) to {letter.original_queue}"
+            + (f": {note}" if note else "")
         )
+    click.echo(f"{count} replayed")
+    missing = sorted(set(ids) - found)
+    if missing:
+        raise click.ClickException(f"not found in {letters.name(queue)}: {', '.join(missing)}")
 
 
 @dlq.command()
@@ -148,7 +153,7 @@ def replay(letters: DeadLetters, queue: str, ids: tuple[str, ...], everything: b
 def purge(letters: DeadLetters, queue: str, yes: bool) -> None:
     """Delete every dead letter of QUEUE, for good."""
     total, _ = letters.browse(queue, 1)
-    name = f"{work_queue_name(queue)}.dlq"
+    name = letters.name(queue)
     if not total:
         click.echo(f"{name}: empty")
         return

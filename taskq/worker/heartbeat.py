@@ -22,9 +22,9 @@ from typing import Protocol
 
 class Beating(Protocol):
     @property
-    def heartbeat_interval(self) -> float: ...
+    def keepalive_interval(self) -> float: ...
 
-    def beat_if_busy(self, quiet_for: float) -> None: ...
+    def keepalive_if_busy(self, quiet_for: float) -> None: ...
 
 
 class Heartbeater:
@@ -44,9 +44,10 @@ class Heartbeater:
         tick = 1.0
         while not self._stop.wait(tick):
             slots = self._slots()
-            intervals = [s.heartbeat_interval for s in slots if s.heartbeat_interval]
-            # A quarter of the negotiated interval: two missed beats close a connection.
-            tick = max(0.05, min(intervals) / 4) if intervals else 1.0
+            intervals = [s.keepalive_interval for s in slots if s.keepalive_interval]
+            # The links' own tick (a quarter of a negotiated heartbeat interval: two missed
+            # beats close a connection).
+            tick = max(0.05, min(intervals)) if intervals else 1.0
             for slot in slots:
                 with contextlib.suppress(Exception):  # a dead connection is the slot's business
-                    slot.beat_if_busy(tick)
+                    slot.keepalive_if_busy(tick)

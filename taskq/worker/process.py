@@ -50,6 +50,9 @@ class PipeReporter:
     def running(self, slot: str, label: str | None) -> None:
         self._label.value = (label or "").encode()[: LABEL_SIZE - 1]
 
+    def holding(self, slot: str, handle: int | None) -> None:
+        pass
+
 
 def slot_main(options: SlotOptions, index: int, control: Connection, label: Any) -> None:
     """Entry point of a slot process."""

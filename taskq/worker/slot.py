@@ -1,20 +1,19 @@
-"""One execution slot: one broker connection, and the tasks it receives run right here.
+"""One execution slot: one broker link, and the tasks it receives run right here.
 
-The slot's thread waits (``poll``) on its broker socket and a wake-up pipe, takes one message
-at a time (prefetch 1), runs the task in this same thread, publishes the result and acks. No
-hand-off to another thread or process: on a busy machine every extra wake-up costs more than
-the task itself, and this is what keeps a round trip close to a bare AMQP echo.
+The slot's thread waits (``poll``) on its link and a wake-up pipe, takes one message at a time,
+runs the task in this same thread, sends the result and lets the message go. No hand-off to
+another thread or process: on a busy machine every extra wake-up costs more than the task
+itself, and this is what keeps a round trip close to the broker's own floor.
 
-* While a task runs, :mod:`taskq.worker.heartbeat` keeps the connection's heartbeats going.
+* While a task runs, :mod:`taskq.worker.heartbeat` keeps the link alive.
 * A task with a hard ``time_limit`` runs in an executor child process instead
   (:mod:`taskq.worker.executor`), which the slot kills and replaces if the limit passes; the
-  slot waits on it together with its socket, so heartbeats and acks flow meanwhile.
-* A message is acked only after its result is published on the same channel; one that can't
-  run is dead-lettered (confirmed) and then acked. Prefetch 1 means the broker sends the next
-  message only after the ack, so a slot never holds a message it is not running.
-* If the process dies mid-task the broker redelivers the message; the slot that gets it counts
-  the loss in the message (classic queues keep no delivery count) and buries it after
-  ``delivery_limit`` losses.
+  slot waits on it together with its link, so the link stays alive meanwhile.
+* A message is settled only after its result is sent; one that can't run is dead-lettered
+  (stored first) and then settled. The link holds one message at most, so a slot never holds
+  a message it is not running.
+* If the process running a task dies, the broker gives the message to another slot and counts
+  the lost run; after ``delivery_limit`` lost runs the message is dead-lettered as poison.
 """
 
 from __future__ import annotations
@@ -29,13 +28,13 @@ from collections import deque
 from typing import Any, Protocol
 
 from ..app import App
-from ..broker.amqp.consumer import SlotConnection
+from ..broker.base import Reply, SlotLink
+from ..copies import delayed, retry
 from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
 from ..message import Delivery
-from . import letters
 from .execute import Job, Outcome, execute, failure_outcome
 from .executor import ProcessExecutor
-from .triage import Later, Recount, Refuse, SlotOptions, reply_to, triage
+from .triage import Later, Refuse, SlotOptions, reply_to, triage
 
 log = logging.getLogger("taskq.worker")
 
@@ -48,6 +47,7 @@ class Reporter(Protocol):
     def connection_lost(self, slot: str, reason: str, opened_at: float | None = None) -> None: ...
     def connection_restored(self, slot: str) -> None: ...
     def running(self, slot: str, label: str | None) -> None: ...
+    def holding(self, slot: str, handle: int | None) -> None: ...
 
 
 class Slot:
@@ -62,17 +62,17 @@ class Slot:
         self.broker = app.broker
         #: Soft time limits use SIGALRM, which only the main thread receives.
         self.main_thread = main_thread
-        self.conn: SlotConnection | None = None
+        self.link: SlotLink | None = None
         self.consuming = False
         self.inbox: deque[Delivery] = deque()
         self.executor: ProcessExecutor | None = None
         self.current: Delivery | None = None
-        self.current_conn: SlotConnection | None = None
+        self.current_link: SlotLink | None = None
         self.started_at = 0.0
         self.hard_limit: float | None = None
-        #: When the task running in this thread started (None: none is), for heartbeats.
+        #: When the task running in this thread started (None: none is), for keepalives.
         self.running_since: float | None = None
-        self.stashed: list[tuple[Delivery, Outcome]] = []
+        self.stashed: list[tuple[Delivery, Reply]] = []
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -96,20 +96,20 @@ class Slot:
             self.executor.kill()
 
     @property
-    def heartbeat_interval(self) -> float:
-        conn = self.conn
-        return conn.heartbeat_interval if conn is not None else 0.0
+    def keepalive_interval(self) -> float:
+        link = self.link
+        return link.tick_interval if link is not None else 0.0
 
-    def beat_if_busy(self, quiet_for: float) -> None:
-        """Called by the heartbeat thread: send one if a task has kept this thread busy."""
-        since, conn = self.running_since, self.current_conn
+    def keepalive_if_busy(self, quiet_for: float) -> None:
+        """Called by the keepalive thread: keep the link alive if a task keeps us busy."""
+        since, link = self.running_since, self.current_link
         if (
             since is not None
-            and conn is not None
-            and conn is self.conn
+            and link is not None
+            and link is self.link
             and (time.monotonic() - since >= quiet_for)
         ):
-            conn.send_heartbeat()
+            link.keepalive()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -117,11 +117,11 @@ class Slot:
         """Serve until stopped. Raises what can't be recovered from (e.g. a queue conflict)."""
         try:
             while not (self.stopping and self.current is None):
-                if self.conn is None:
+                if self.link is None:
                     self._connect()
                     continue
                 try:
-                    self._serve(self.conn)
+                    self._serve(self.link)
                 except DeclarationConflict:
                     raise
                 except Exception as exc:
@@ -130,9 +130,9 @@ class Slot:
             self._close()
 
     def _close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         if self.executor is not None:
             self.executor.close()
             self.executor = None
@@ -142,9 +142,9 @@ class Slot:
 
     def _connect(self) -> None:
         delay = 0.1
-        while self.conn is None and not (self.stopping and self.current is None):
+        while self.link is None and not (self.stopping and self.current is None):
             try:
-                self.conn = self.broker.slot_connection(
+                self.link = self.broker.slot_link(
                     list(self.options.queues),
                     self.inbox.append,
                     timeout=self.config.connect_timeout,
@@ -158,25 +158,21 @@ class Slot:
                 self.reporter.connection_lost(self.name, self.broker.describe(exc))
                 self._wait_without_broker(delay)
                 delay = min(delay * 2, 5.0)
-        if self.conn is not None:
+        if self.link is not None:
+            self.reporter.holding(self.name, self.link.hold_handle())
             self.reporter.connection_restored(self.name)
 
     def _connection_lost(self, exc: BaseException) -> None:
         opened_at = None
-        if self.conn is not None:
-            opened_at = self.conn.opened_at
-            self.conn.drop()
-            self.conn = None
+        if self.link is not None:
+            opened_at = self.link.opened_at
+            self.link.drop()
+            self.link = None
         self.consuming = False
-        self.inbox.clear()  # unacked deliveries of a dead connection return to the queue
-        if letters.is_consumer_timeout(exc):
-            log.error(
-                "%s: the broker closed the channel because a task held its message longer than "
-                "RabbitMQ's consumer_timeout; the message goes back to the queue and will run "
-                "again. Raise consumer_timeout on the broker (rabbitmq.conf) above the longest "
-                "task, or split the task.",
-                self.name,
-            )
+        self.inbox.clear()  # what a dead link held returns to the queue
+        hint = self.broker.explain(exc)
+        if hint:
+            log.error("%s: %s", self.name, hint)
         elif not self.broker.is_recoverable(exc):
             log.error("%s: unexpected error, reconnecting: %r", self.name, exc, exc_info=exc)
         self.reporter.connection_lost(self.name, self.broker.describe(exc), opened_at)
@@ -194,17 +190,17 @@ class Slot:
                 self._finish(self.executor.collect())
         self._check_time_limit()
 
-    def _serve(self, conn: SlotConnection) -> None:
-        self._flush_stash(conn)
+    def _serve(self, link: SlotLink) -> None:
+        self._flush_stash(link)
         poller = select.poll()
-        conn_fd = conn.input.fileno()
-        poller.register(conn_fd, _POLLIN)
+        link_fd = link.input.fileno()
+        poller.register(link_fd, _POLLIN)
         poller.register(self._wake_r, _POLLIN)
         exec_fd = -1
         self._executor_changed = self.executor is not None
-        tick = min(1.0, conn.heartbeat_interval / 4) if conn.heartbeat_interval else 1.0
+        tick = link.tick_interval
         next_tick = time.monotonic() + tick
-        while self._keep_serving(conn):
+        while self._keep_serving(link):
             if self._executor_changed:
                 self._executor_changed = False
                 if exec_fd >= 0:
@@ -212,13 +208,9 @@ class Slot:
                 exec_fd = self.executor.fileno() if self.executor is not None else -1
                 if exec_fd >= 0:
                     poller.register(exec_fd, _POLLIN)
-            if conn.input.buffered():
-                events = [(conn_fd, select.POLLIN)]
-            else:
-                events = poller.poll(self._timeout_ms(next_tick - time.monotonic()))
-            for fd, _ in events:
-                if fd == conn_fd:
-                    conn.drain()
+            for fd in self._ready(link, poller, next_tick):
+                if fd == link_fd:
+                    link.drain()
                 elif fd == exec_fd and self.executor is not None:
                     if not self._executor_changed:
                         self._finish(self.executor.collect())
@@ -229,19 +221,32 @@ class Slot:
             self._check_time_limit()
             now = time.monotonic()
             if now >= next_tick:
-                conn.heartbeat_tick()
+                link.tick()
                 next_tick = now + tick
 
-    def _keep_serving(self, conn: SlotConnection) -> bool:
-        """Start consuming (once, when idle); cancel when stopping. False once stopped with
+    def _ready(self, link: SlotLink, poller: Any, next_tick: float) -> list[int]:
+        """The descriptors to handle now: waits until one is ready, the link wants a look
+        (a delayed message falls due), or the next tick."""
+        link_fd = link.input.fileno()
+        if link.input.buffered():
+            return [link_fd]
+        wait = next_tick - time.monotonic()
+        wakeup = link.next_wakeup()
+        if wakeup is not None and wakeup < wait:
+            ready = [fd for fd, _ in poller.poll(self._timeout_ms(wakeup))]
+            return ready or [link_fd]
+        return [fd for fd, _ in poller.poll(self._timeout_ms(wait))]
+
+    def _keep_serving(self, link: SlotLink) -> bool:
+        """Start consuming (once, when idle); pause when stopping. False once stopped with
         nothing in hand."""
         if self.stopping:
             if self.consuming:
-                conn.cancel_all()
+                link.pause()
                 self.consuming = False
             return self.current is not None or bool(self.inbox)
         if not self.consuming and self.current is None:
-            conn.start()
+            link.start()
             self.consuming = True
         return True
 
@@ -258,15 +263,11 @@ class Slot:
     # -- a message arrives --------------------------------------------------------------------
 
     def _start(self, delivery: Delivery) -> None:
-        decision = triage(delivery, self.app, self.options, self.name)
+        assert self.link is not None
+        lost = self.link.lost_runs(delivery)
+        decision = triage(delivery, self.app, self.options, self.name, lost)
         if isinstance(decision, Refuse):
             self._reject(delivery, decision.error)
-        elif isinstance(decision, Recount):
-            self._requeue_or_bury(
-                delivery,
-                letters.delivery_count(delivery) + 1,
-                "its worker was lost before it finished",
-            )
         elif isinstance(decision, Later):
             self._later(delivery, decision.seconds)
         elif decision.hard_limit:
@@ -275,14 +276,13 @@ class Slot:
             self._run_here(delivery, decision.job)
 
     def _run_here(self, delivery: Delivery, job: Job) -> None:
-        self.current, self.current_conn = delivery, self.conn
+        self.current, self.current_link = delivery, self.link
         self.reporter.running(self.name, f"{job.task}[{job.task_id}]")
         self.running_since = time.monotonic()
         try:
             outcome = execute(self.app, job, use_signals=self.main_thread)
         finally:
             self.running_since = None
-            self.reporter.running(self.name, None)
         self._finish(outcome)
 
     def _submit(self, delivery: Delivery, job: Job, hard_limit: float) -> None:
@@ -290,7 +290,7 @@ class Slot:
             self._replace_executor()  # it died while idle, and the slot had not heard yet
         if self.executor is None:
             self.executor = self._new_executor()
-        self.current, self.current_conn = delivery, self.conn
+        self.current, self.current_link = delivery, self.link
         self.reporter.running(self.name, f"{job.task}[{job.task_id}]")
         self.started_at = time.monotonic()
         self.hard_limit = hard_limit
@@ -308,13 +308,10 @@ class Slot:
         return executor
 
     def _later(self, delivery: Delivery, seconds: float) -> None:
-        assert self.conn is not None
-        self.conn.publish_confirmed(
-            letters.delayed(delivery, seconds), timeout=self.config.publish_timeout
-        )
-        self.conn.ack(delivery.tag)
+        assert self.link is not None
+        self.link.forward(delivery, delayed(delivery, seconds), None)
         log.debug(
-            "task %s[%s] is due in %.3fs: back to the broker's delay queues",
+            "task %s[%s] is due in %.3fs: back to the broker until then",
             delivery.task_name,
             delivery.task_id,
             seconds,
@@ -323,11 +320,11 @@ class Slot:
     # -- the outcome -----------------------------------------------------------------------
 
     def _finish(self, outcome: Outcome | None) -> None:
-        delivery, conn = self.current, self.current_conn
-        self.current = self.current_conn = None
+        delivery, link = self.current, self.current_link
+        self.current = self.current_link = None
         self.hard_limit = None
-        self.reporter.running(self.name, None)
         if delivery is None:
+            self.reporter.running(self.name, None)
             if outcome is None and self.executor is not None:
                 log.warning(
                     "%s: idle executor process died (%s); a new one starts when needed",
@@ -336,65 +333,70 @@ class Slot:
                 )
                 self._replace_executor()
             return
-        if outcome is None:
-            self._worker_lost(delivery, conn)
-            return
         try:
-            if conn is self.conn and conn is not None:
-                if conn.input.waiting():
-                    conn.drain()  # raises if the broker closed the channel meanwhile
+            if outcome is None:
+                self._worker_lost(delivery, link)
+            else:
+                self._settle(delivery, link, outcome)
+        finally:
+            self.reporter.running(self.name, None)
+
+    def _settle(self, delivery: Delivery, link: SlotLink | None, outcome: Outcome) -> None:
+        try:
+            if link is self.link and link is not None:
+                if link.input.waiting():
+                    link.drain()  # raises if the broker closed the link meanwhile
                 if self.stopping and self.consuming:
-                    # Stop consuming before the ack frees the prefetch slot, or the broker
-                    # hands this stopping slot one more message.
-                    conn.cancel_all()
+                    # Stop taking messages before settling frees the link, or the broker
+                    # hands this stopping slot one more.
+                    link.pause()
                     self.consuming = False
-            if self.conn is None or conn is not self.conn:
+            if self.link is None or link is not self.link:
                 self._stale(delivery, outcome)
             elif outcome.kind == "done":
-                self._settle(delivery, outcome)
+                self.link.settle(delivery, self._reply(delivery, outcome))
             elif outcome.kind == "reject":
                 self._dead_letter(delivery, outcome.exc_type, outcome.detail, outcome)
             else:
-                self._retry(delivery, outcome)
+                self.link.forward(
+                    delivery, retry(delivery, outcome.countdown), self._reply(delivery, outcome)
+                )
         except Exception:
-            # The connection failed under us: the broker will redeliver the message; keep the
+            # The link failed under us: the broker will deliver the message again; keep the
             # result to send once reconnected, so the caller need not wait for the rerun.
             self._stale(delivery, outcome, stash=True)
             raise
 
-    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        conn = self.conn
-        assert conn is not None
-        conn.reply_and_ack(
-            reply_to(delivery),
-            delivery.correlation_id or delivery.task_id or "",
-            outcome.body,
-            outcome.content_type,
-            delivery.tag,
-        )
+    @staticmethod
+    def _reply(delivery: Delivery, outcome: Outcome) -> Reply | None:
+        """The caller's result, if it wants one."""
+        if outcome.body is None or not reply_to(delivery):
+            return None
+        return Reply(outcome.body, outcome.content_type)
 
     def _stale(self, delivery: Delivery, outcome: Outcome, *, stash: bool = False) -> None:
-        """The task finished, but its message belonged to a connection that has died: send
-        the result on the current connection, or keep it (``stash``) until there is one."""
+        """The task finished, but its message belonged to a link that has died: send the
+        result on the current link, or keep it (``stash``) until there is one."""
         log.warning(
             "task %s[%s] finished after the broker connection it came on was lost: the broker "
             "will deliver it again (at-least-once); its caller gets the first result only",
             delivery.task_name,
             delivery.task_id,
         )
-        if outcome.kind != "done" or not reply_to(delivery) or outcome.body is None:
+        reply = self._reply(delivery, outcome)
+        if outcome.kind != "done" or reply is None:
             return
-        if stash or self.conn is None:
-            self.stashed.append((delivery, outcome))
+        if stash or self.link is None:
+            self.stashed.append((delivery, reply))
             return
-        self._reply(self.conn, delivery, outcome)
+        self.link.reply(delivery, reply)
 
-    def _flush_stash(self, conn: SlotConnection) -> None:
-        """Send the results stashed while the broker was away (one at a time: if this
-        connection fails too, the rest stay stashed)."""
+    def _flush_stash(self, link: SlotLink) -> None:
+        """Send the results stashed while the broker was away (one at a time: if this link
+        fails too, the rest stay stashed)."""
         while self.stashed:
-            delivery, outcome = self.stashed[0]
-            self._reply(conn, delivery, outcome)
+            delivery, reply = self.stashed[0]
+            link.reply(delivery, reply)
             del self.stashed[0]
 
     def _reject(self, delivery: Delivery, exc: BaseException) -> None:
@@ -404,45 +406,22 @@ class Slot:
     def _dead_letter(
         self, delivery: Delivery, exc_type: str, reason: str, outcome: Outcome
     ) -> None:
-        conn = self.conn
-        assert conn is not None
-        envelope = letters.dead_letter(delivery, exc_type, reason, self.options.hostname)
-        conn.publish_confirmed(envelope, timeout=self.config.publish_timeout)
-        self._reply(conn, delivery, outcome)
-        conn.ack(delivery.tag)
+        assert self.link is not None
+        where = self.link.dead_letter(
+            delivery, exc_type, reason, self.options.hostname, self._reply(delivery, outcome)
+        )
         log.error(
-            "task %s[%s] moved to dead-letter queue %s: %s: %s",
+            "task %s[%s] moved to dead letters %s: %s: %s",
             delivery.task_name,
             delivery.task_id,
-            envelope.queue,
+            where,
             exc_type,
             reason,
         )
 
-    def _retry(self, delivery: Delivery, outcome: Outcome) -> None:
-        conn = self.conn
-        assert conn is not None
-        conn.publish_confirmed(
-            letters.retry(delivery, outcome.countdown), timeout=self.config.publish_timeout
-        )
-        self._reply(conn, delivery, outcome)
-        conn.ack(delivery.tag)
-
-    @staticmethod
-    def _reply(conn: SlotConnection, delivery: Delivery, outcome: Outcome) -> None:
-        """Send the caller its result, if it wants one (the ack follows on the same channel)."""
-        destination = reply_to(delivery)
-        if destination and outcome.body is not None:
-            conn.publish_result(
-                destination,
-                delivery.correlation_id or delivery.task_id or "",
-                outcome.body,
-                outcome.content_type,
-            )
-
     # -- deaths and time limits -------------------------------------------------------------
 
-    def _worker_lost(self, delivery: Delivery, conn: SlotConnection | None) -> None:
+    def _worker_lost(self, delivery: Delivery, link: SlotLink | None) -> None:
         assert self.executor is not None
         death = self.executor.describe_death()
         log.error(
@@ -453,34 +432,27 @@ class Slot:
             death,
         )
         self._replace_executor()
-        if self.conn is None or conn is not self.conn:
-            return  # the broker requeues it with the dead connection
-        count = letters.delivery_count(delivery) + 1
-        self._requeue_or_bury(delivery, count, f"the process running it died ({death})")
-
-    def _requeue_or_bury(self, delivery: Delivery, count: int, why: str) -> None:
-        conn = self.conn
-        assert conn is not None
+        if self.link is None or link is not self.link:
+            return  # the broker returns it with the dead link
+        count = self.link.lost_runs(delivery) + 1
         limit = self.config.delivery_limit
         if count >= limit:
             self._reject(
                 delivery,
                 WorkerLostError(
                     f"task {delivery.task_name}[{delivery.task_id}] was attempted {count} times "
-                    f"and {why} every time; dead-lettered as a poison message "
-                    f"(delivery_limit={limit})"
+                    f"and the process running it died every time ({death}); dead-lettered as "
+                    f"a poison message (delivery_limit={limit})"
                 ),
             )
             return
-        conn.publish_confirmed(
-            letters.counted_copy(delivery, count), timeout=self.config.publish_timeout
-        )
-        conn.ack(delivery.tag)
+        self.link.requeue_lost(delivery)
         log.warning(
-            "task %s[%s]: %s; requeued (attempt %d of at most %d)",
+            "task %s[%s]: the process running it died (%s); back in its queue (attempt %d "
+            "of at most %d)",
             delivery.task_name,
             delivery.task_id,
-            why,
+            death,
             count + 1,
             limit,
         )

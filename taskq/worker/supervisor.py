@@ -26,7 +26,6 @@ from typing import Any
 
 from .. import __version__
 from ..app import App
-from ..broker.amqp.topology import dead_letter_queue_name
 from ..errors import ConfigurationError, DeclarationConflict, TaskqError
 from .heartbeat import Heartbeater
 from .process import FATAL, FATAL_EXIT, LABEL_SIZE, LOST, RESTORED, STOP, slot_main
@@ -89,6 +88,9 @@ class OutageLog:
             self.busy[slot] = label
         else:
             self.busy.pop(slot, None)
+
+    def holding(self, slot: str, handle: int | None) -> None:
+        pass  # slots in this process: nobody outlives them to settle their deaths
 
 
 class SlotProcess:
@@ -175,16 +177,13 @@ class Worker:
         return self._run_processes()
 
     def _check_broker(self) -> None:
-        """Declare the queues once up front: a conflict is an error now, not a crash loop."""
+        """Check the queues once up front: a conflict is an error now, not a crash loop."""
         delay = 0.5
         waited = False
         while True:
             try:
-                conn = self.broker.slot_connection(
-                    list(self.options.queues),
-                    lambda delivery: None,
-                    timeout=self.app.config.connect_timeout,
-                    name="taskq worker startup",
+                warnings = self.broker.check_queues(
+                    self.options.queues, timeout=self.app.config.connect_timeout
                 )
             except DeclarationConflict:
                 raise
@@ -201,12 +200,13 @@ class Worker:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            conn.close()
+            for warning in warnings:
+                log.warning("%s", warning)
             return
 
     def _banner(self) -> None:
         queues = ", ".join(
-            f"{q} (dead letters: {dead_letter_queue_name(q)})" for q in self.options.queues
+            f"{q} (dead letters: {self.broker.dead_letter_name(q)})" for q in self.options.queues
         )
         kind = "processes" if self.options.pool == "process" else "threads"
         limits = ""
@@ -220,7 +220,7 @@ class Worker:
             "  concurrency: %d (%s)%s\n  tasks:       %s",
             __version__,
             os.getpid(),
-            self.broker.display_url,
+            self.broker.location,
             queues,
             self.concurrency,
             kind,

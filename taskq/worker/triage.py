@@ -10,7 +10,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..app import App
-from ..errors import ContentDisallowed, MessageDecodeError, NotRegistered, TaskExpired
+from ..errors import (
+    ContentDisallowed,
+    MessageDecodeError,
+    NotRegistered,
+    TaskExpired,
+    WorkerLostError,
+)
 from ..message import Delivery, parse_time
 from ..serialization import CONTENT_TYPES, SERIALIZER_FOR
 from ..task import Task
@@ -47,21 +53,19 @@ class Refuse:
 
 
 @dataclass(frozen=True)
-class Recount:
-    """It was delivered before and its worker was lost: record that in the message."""
-
-
-@dataclass(frozen=True)
 class Later:
     """It arrived before its ETA: back to the broker's delay queues for ``seconds``."""
 
     seconds: float
 
 
-Decision = Run | Refuse | Recount | Later
+Decision = Run | Refuse | Later
 
 
-def triage(delivery: Delivery, app: App, options: SlotOptions, slot: str) -> Decision:
+def triage(
+    delivery: Delivery, app: App, options: SlotOptions, slot: str, lost_runs: int = 0
+) -> Decision:
+    """``lost_runs``: runs of this message cut short by the death of their process."""
     name = delivery.task_name
     if not name:
         return Refuse(
@@ -87,8 +91,15 @@ def triage(delivery: Delivery, app: App, options: SlotOptions, slot: str) -> Dec
                 f"{task_list(app)})"
             )
         )
-    if delivery.redelivered:
-        return Recount()
+    limit = app.config.delivery_limit
+    if lost_runs >= limit:
+        return Refuse(
+            WorkerLostError(
+                f"task {name}[{delivery.task_id}] was attempted {lost_runs} times and the "
+                f"process running it died every time; dead-lettered as a poison message "
+                f"(delivery_limit={limit})"
+            )
+        )
     headers = delivery.headers
     if headers.get("eta") or headers.get("expires"):
         decision = _schedule(delivery)

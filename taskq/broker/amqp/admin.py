@@ -1,43 +1,44 @@
-"""Looking into a queue and moving its messages: what ``taskq dlq`` does on RabbitMQ.
+"""Dead letters on RabbitMQ: what ``taskq dlq`` reads, replays and purges in ``<queue>.dlq``.
 
-Messages are read with ``basic.get`` without acking; whatever is not explicitly acked goes back
-to its place in the queue when the reading channel closes. A message is moved by publishing a
-copy (confirmed) and only then acking the original, so an interrupted move duplicates at worst.
+Letters are read by a consumer that never acks what it only looks at: closing its channel puts
+every one back in its place. One letter at a time is decoded, so a dead-letter queue of
+100,000 letters costs the socket's buffers, not 100,000 messages in memory. A letter is moved
+by publishing a copy (confirmed, in windows of :data:`REPLAY_WINDOW`) and only then acking the
+original, so an interrupted replay duplicates at worst.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from amqp import exceptions as amqp_errors
 
 from ...errors import BrokerError
 from ...message import Delivery, Envelope
-from . import topology
+from ..base import Admin, DeadLetter
+from . import letters, topology
 from .channel import ConfirmChannel
 from .connection import Connector, close_quietly
+from .consumer import plain_channel
 from .frames import delivery
 
+#: Replayed copies published before waiting for their confirms.
+REPLAY_WINDOW = 256
 
-class QueueAdmin:
+
+class QueueAdmin(Admin):
     def __init__(self, connector: Connector, declared: set[str], *, timeout: float) -> None:
         self.connection = connector.connect_once(timeout=timeout, name="taskq admin")
-        self.confirms = ConfirmChannel(self.connection)
         self.declared = declared
-        self._reader: Any = None
         self.timeout = timeout
 
     def close(self) -> None:
         close_quietly(self.connection)
 
-    def __enter__(self) -> QueueAdmin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def size(self, queue: str) -> int:
+    def _size(self, queue: str) -> int:
         """Messages ready in ``queue``; raise BrokerError if there is no such queue."""
         channel = self.connection.channel()
         try:
@@ -49,41 +50,94 @@ class QueueAdmin:
                 channel.close()
         return int(count)
 
-    def read(self, queue: str, limit: int) -> list[Delivery]:
-        """Up to ``limit`` messages from the head of ``queue``, held (unacked) until
-        :meth:`ack` or :meth:`release`."""
-        if self._reader is None:
-            self._reader = self.connection.channel()
-            self._reader.auto_decode = False
-        deliveries = []
-        for _ in range(limit):
-            message = self._reader.basic_get(queue, no_ack=False)
-            if message is None:
-                break
-            deliveries.append(delivery(message, queue))
-        return deliveries
+    def dead_letter_count(self, queue: str) -> int:
+        return self._size(topology.dead_letter_queue_name(queue))
 
-    def ack(self, delivery: Delivery) -> None:
-        self._reader.basic_ack(delivery.tag)
+    def _read(self, channel: Any, queue: str, limit: int) -> Iterator[Delivery]:
+        """The first ``limit`` messages of ``queue``, one at a time, held unacked."""
+        arrived: deque[Delivery] = deque()
+        tag = channel.basic_consume(
+            queue, no_ack=False, callback=lambda message: arrived.append(delivery(message, queue))
+        )
+        try:
+            for _ in range(limit):
+                deadline = time.monotonic() + self.timeout
+                while not arrived:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerError(f"reading {queue} timed out after {self.timeout:g}s")
+                    self.connection.drain_events(timeout=remaining)
+                yield arrived.popleft()
+        finally:
+            if channel.is_open:
+                # Stop the flow before closing: deliveries that meet a closing channel are
+                # only noise in the log. Those still coming are dropped here, unacked.
+                channel.basic_cancel(tag)
+                arrived.clear()
 
-    def release(self) -> None:
-        """Put every read-but-not-acked message back where it was."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+    def dead_letters(self, queue: str) -> Iterator[DeadLetter]:
+        work = queue
+        dlq = topology.dead_letter_queue_name(work)
+        total = self._size(dlq)
+        channel = plain_channel(self.connection)
+        try:
+            for received in self._read(channel, dlq, total):
+                yield letters.read_dead_letter(received, work)
+        finally:
+            if channel.is_open:
+                channel.close()  # everything read goes back, in place
 
-    def publish(self, envelope: Envelope) -> None:
-        """Publish and wait for the broker's confirm (raise if it refuses)."""
-        topology.declare_work_queue(self.confirms.channel, envelope.queue)
-        deadline = time.monotonic() + self.timeout
-        reason = self.confirms.publish_and_wait(envelope, self.declared, deadline)
-        if reason:
-            raise BrokerError(f"the broker did not take the message for {envelope.queue}: {reason}")
+    def replay(
+        self,
+        queue: str,
+        wanted: Callable[[DeadLetter], bool],
+        rebuild: Callable[[DeadLetter], tuple[Envelope, str]],
+    ) -> Iterator[tuple[DeadLetter, str]]:
+        work = queue
+        dlq = topology.dead_letter_queue_name(work)
+        total = self._size(dlq)
+        reader = plain_channel(self.connection)
+        confirms = ConfirmChannel(self.connection)
+        #: Copies published, not yet confirmed: (their sequence number, the original's tag).
+        window: list[tuple[int, Any, DeadLetter, str]] = []
+        try:
+            for received in self._read(reader, dlq, total):
+                letter = letters.read_dead_letter(received, work)
+                if not wanted(letter):
+                    continue
+                envelope, note = rebuild(letter)
+                if envelope.queue not in self.declared:
+                    topology.declare_work_queue(confirms.channel, envelope.queue)
+                    self.declared.add(envelope.queue)
+                window.append((confirms.send_routed(envelope, self.declared), received.tag,
+                               letter, note))
+                if len(window) >= REPLAY_WINDOW:
+                    yield from self._settle(reader, confirms, window)
+            yield from self._settle(reader, confirms, window)
+        finally:
+            if reader.is_open:
+                reader.close()
+
+    def _settle(
+        self, reader: Any, confirms: ConfirmChannel, window: list[tuple[int, Any, DeadLetter, str]]
+    ) -> Iterator[tuple[DeadLetter, str]]:
+        """Wait for the window's confirms; ack each original whose copy the broker took."""
+        if not window:
+            return
+        confirms.wait_until(window[-1][0], time.monotonic() + self.timeout)
+        for seq, tag, letter, note in window:
+            reason = confirms.refusal(seq, letter.ref.correlation_id)
+            if reason:
+                raise BrokerError(f"the broker did not take {letter.id} back: {reason}")
+            reader.basic_ack(tag)
+            yield letter, note
+        window.clear()
 
     def purge(self, queue: str) -> int:
-        self.size(queue)
+        dlq = topology.dead_letter_queue_name(queue)
+        self._size(dlq)
         channel = self.connection.channel()
         try:
-            return int(channel.queue_purge(queue) or 0)
+            return int(channel.queue_purge(dlq) or 0)
         finally:
             channel.close()

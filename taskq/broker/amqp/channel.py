@@ -141,19 +141,27 @@ class ConfirmChannel:
             envelope.correlation_id,
         )
 
+    def send_routed(self, envelope: Envelope, declared: set[str]) -> int:
+        """Send one envelope (a delayed one through the delay queues); its sequence number."""
+        exchange, routing_key = delays.route(self.channel, envelope, declared)
+        return self.send_envelope(envelope, exchange, routing_key)
+
+    def refusal(self, seq: int, correlation_id: str | None) -> str:
+        """Why the broker did not take message ``seq`` ("" if it did): call once settled."""
+        reason = self.returned.pop(correlation_id, None) or ""
+        if seq in self.nacked:
+            self.nacked.discard(seq)
+            reason = reason or "nacked: the broker could not store it"
+        return reason
+
     def publish_and_wait(self, envelope: Envelope, declared: set[str], deadline: float) -> str:
         """Send one envelope (delayed ones through the ladder) and wait for its confirm.
 
         Returns "" if the broker took it, else why not (returned as unroutable, or nacked).
         """
-        exchange, routing_key = delays.route(self.channel, envelope, declared)
-        seq = self.send_envelope(envelope, exchange, routing_key)
+        seq = self.send_routed(envelope, declared)
         self.wait_until(seq, deadline)
-        reason = self.returned.pop(envelope.correlation_id, None) or ""
-        if seq in self.nacked:
-            self.nacked.discard(seq)
-            reason = reason or "nacked: the broker could not store it"
-        return reason
+        return self.refusal(seq, envelope.correlation_id)
 
     # -- confirms -----------------------------------------------------------------------------
 

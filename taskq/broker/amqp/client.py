@@ -1,4 +1,5 @@
-"""A client's connection: confirmed publishing, and on one of them the process's reply queue.
+"""A client's connection to RabbitMQ (:class:`~taskq.broker.base.ClientLink`): confirmed
+publishing, and on one of them the process's reply queue.
 
 Used by one thread at a time. The connection that also consumes the reply queue is read by
 whichever thread is using it (a sender waiting for its confirm, a caller waiting for a
@@ -16,6 +17,7 @@ from amqp import exceptions as amqp_errors
 
 from ...errors import DeclarationConflict, MessageNacked, Unroutable
 from ...message import Delivery, Envelope
+from ..base import ClientLink
 from . import delays, topology
 from .channel import ConfirmChannel
 from .connection import Connector, abandon_after_fork, close_quietly, drop
@@ -28,7 +30,7 @@ log = logging.getLogger("taskq.publish")
 CONFIRM_WINDOW = 256
 
 
-class ClientConnection:
+class ClientConnection(ClientLink):
     """Publishes task messages with ``mandatory`` and waits for the broker's confirms.
 
     ``declared`` is shared by all connections of an app: a queue declared once exists for all.
@@ -61,6 +63,8 @@ class ClientConnection:
         self._cancelled = False
         #: What the connection has to read (for the thread holding the lead).
         self.input = Input(self.connection)
+        heartbeat = float(self.connection.heartbeat or 0)
+        self.tick_interval = heartbeat / 4 if heartbeat else 1.0
 
     def _on_blocked(self, reason: str) -> None:
         self.blocked = reason or "resource alarm"
@@ -205,5 +209,8 @@ class ClientConnection:
         if self._cancelled:
             raise ConnectionError("the broker cancelled the reply queue's consumer (deleted?)")
 
-    def heartbeat_tick(self) -> None:
+    def tick(self) -> None:
         self.connection.heartbeat_tick()
+
+    def delete_replies(self, queue: str) -> None:
+        self.channel.channel.queue_delete(queue)

@@ -1,0 +1,332 @@
+"""The broker interface: the small surface the rest of taskq sees, whatever the broker.
+
+Each broker lives in a package of its own (:mod:`taskq.broker.amqp` for RabbitMQ,
+:mod:`taskq.broker.sqlite` for the embedded one) and implements these classes; the producer,
+the result listener, the worker and the CLI use nothing else. No delivery tags, sockets,
+heartbeats, channel errors or dead-letter naming rules outside a broker's package.
+
+* :class:`Broker`: made from the URL (:func:`taskq.broker.broker_for`); opens the links below.
+* :class:`ClientLink`: confirmed publishing, and on one link per process the reply queue.
+  Used by one thread at a time.
+* :class:`SlotLink`: a worker slot's link: one message at a time, settled by exactly one of
+  :meth:`~SlotLink.settle`, :meth:`~SlotLink.dead_letter`, :meth:`~SlotLink.forward` or
+  :meth:`~SlotLink.requeue_lost`.
+* :class:`Admin`: dead letters, for ``taskq dlq``.
+* :class:`WorkerSupport`: what a worker's supervisor does for its slots (what a dead slot
+  leaves behind).
+
+Links tell a waiting thread when to look through :class:`Readiness`: a descriptor to
+``poll()``, plus input already read that ``poll()`` cannot see.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..config import Config
+from ..message import Delivery, Envelope
+
+DeliveryCallback = Callable[[Delivery], None]
+
+
+class Readiness(Protocol):
+    """When a link has something to handle: for the one thread that waits on it."""
+
+    def fileno(self) -> int:
+        """A descriptor that polls readable when there may be input."""
+        ...
+
+    def buffered(self) -> bool:
+        """Input already taken in, which ``poll()`` on :meth:`fileno` won't report."""
+        ...
+
+    def waiting(self) -> bool:
+        """Anything to handle now (never blocks)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A result for the caller of a task: the body of a result message and its type."""
+
+    body: bytes
+    content_type: str
+
+
+class ClientLink(abc.ABC):
+    """A client's link to the broker. One thread at a time."""
+
+    #: The process that opened it (a link is never used across ``fork()``).
+    pid: int
+    #: Why the broker refuses publishes right now (a resource alarm), or None.
+    blocked: str | None
+    #: Input to handle: results, confirms, the broker's notices.
+    input: Readiness
+
+    @abc.abstractmethod
+    def publish(self, envelope: Envelope, deadline: float) -> None:
+        """Store one message; return once the broker has it (raise otherwise)."""
+
+    @abc.abstractmethod
+    def publish_many(
+        self, envelopes: Sequence[Envelope], deadline: float, confirmed: set[str]
+    ) -> dict[str, str]:
+        """Store all, pipelined; return ``{task_id: reason}`` for refused ones.
+
+        Adds the task ids the broker stored to ``confirmed`` as it goes, so that after a
+        connection error the caller sends only the rest again.
+        """
+
+    @abc.abstractmethod
+    def consume_replies(
+        self,
+        queue: str,
+        expires: float,
+        on_reply: DeliveryCallback,
+        *,
+        must_exist: bool,
+    ) -> bool:
+        """Create (if needed) and read the reply queue ``queue``: results go to ``on_reply``.
+
+        Returns False if the queue was gone although it should have existed (results sent to
+        it meanwhile are lost).
+        """
+
+    @abc.abstractmethod
+    def delete_replies(self, queue: str) -> None:
+        """Delete the reply queue (this client is done with it)."""
+
+    @abc.abstractmethod
+    def drain(self) -> None:
+        """Handle every input already received (results are filed); never blocks."""
+
+    @abc.abstractmethod
+    def tick(self) -> None:
+        """Keep the link alive; call at least every :attr:`tick_interval` seconds."""
+
+    tick_interval: float = 1.0
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close politely (bounded)."""
+
+    @abc.abstractmethod
+    def drop(self) -> None:
+        """Discard after an error, without a handshake with a broker that may be gone."""
+
+    @abc.abstractmethod
+    def abandon(self) -> None:
+        """Forget a link inherited across ``fork()`` without disturbing the parent's."""
+
+
+class SlotLink(abc.ABC):
+    """A worker slot's link: it holds at most one message, the one the slot runs."""
+
+    #: When it was opened (monotonic): tells a slot's late-noticed loss from a new outage.
+    opened_at: float
+    input: Readiness
+    #: How often :meth:`tick` must run (seconds; the slot's loop calls it).
+    tick_interval: float = 1.0
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start (or resume) taking messages; they arrive through :meth:`drain`."""
+
+    @abc.abstractmethod
+    def pause(self) -> None:
+        """Take no new message (warm shutdown). The one held may still be settled."""
+
+    @abc.abstractmethod
+    def drain(self) -> None:
+        """Handle what arrived; deliveries go to the callback given when it was opened."""
+
+    @abc.abstractmethod
+    def next_wakeup(self) -> float | None:
+        """Seconds until :meth:`drain` should run even if nothing polls readable (None: no
+        need), e.g. when a delayed message falls due."""
+
+    @abc.abstractmethod
+    def tick(self) -> None:
+        """Housekeeping (heartbeats, noticing dead peers); from the slot's own thread."""
+
+    @abc.abstractmethod
+    def keepalive(self) -> None:
+        """Keep the link alive while a task runs in the slot's thread (from another thread)."""
+
+    @abc.abstractmethod
+    def settle(self, delivery: Delivery, reply: Reply | None) -> None:
+        """The task ran: send its result (if any), then let the message go."""
+
+    @abc.abstractmethod
+    def reply(self, delivery: Delivery, reply: Reply) -> None:
+        """Send a result without settling anything (e.g. one computed on a lost link)."""
+
+    @abc.abstractmethod
+    def dead_letter(
+        self, delivery: Delivery, exc_type: str, reason: str, worker: str, reply: Reply | None
+    ) -> str:
+        """Keep the message with why it could not be processed; tell its caller (``reply``);
+        let it go. Returns where it was kept, for the log."""
+
+    @abc.abstractmethod
+    def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
+        """Replace the message by ``envelope`` (a retry, a message not due yet): store that,
+        tell the caller (``reply``), then let this one go."""
+
+    @abc.abstractmethod
+    def requeue_lost(self, delivery: Delivery) -> None:
+        """The process running it died: count a lost run and put it back where it was."""
+
+    @abc.abstractmethod
+    def lost_runs(self, delivery: Delivery) -> int:
+        """How many runs of this message were cut short by the death of their process."""
+
+    def hold_handle(self) -> int | None:
+        """A descriptor whose duplicate, kept by the worker's supervisor, keeps the link's
+        message held if the slot process dies, until the supervisor has settled its death
+        (see :class:`WorkerSupport`). None: the broker needs none."""
+        return None
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def drop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message a worker could not process, with why (``taskq dlq`` shows these)."""
+
+    id: str
+    task: str
+    exception: str
+    reason: str
+    dead_at: str
+    original_queue: str
+    worker: str
+    body: bytes
+    content_type: str | None
+    headers: dict[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None
+    #: Broker-specific handle (where it is stored).
+    ref: Any = None
+
+
+class Admin(abc.ABC):
+    """Looking into dead letters and moving them (``taskq dlq``). A context manager."""
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def dead_letter_count(self, queue: str) -> int:
+        """How many dead letters ``queue`` has (raise BrokerError if there is no such queue)."""
+
+    @abc.abstractmethod
+    def dead_letters(self, queue: str) -> Iterator[DeadLetter]:
+        """The dead letters of ``queue``, oldest first, one at a time (bounded memory)."""
+
+    @abc.abstractmethod
+    def replay(
+        self,
+        queue: str,
+        wanted: Callable[[DeadLetter], bool],
+        rebuild: Callable[[DeadLetter], tuple[Envelope, str]],
+    ) -> Iterator[tuple[DeadLetter, str]]:
+        """Send the wanted dead letters of ``queue`` back as ``rebuild`` makes them (with a
+        note), each removed only once its copy is stored; yields each replayed, with the note.
+        Only the letters there when it starts: one that fails again comes back behind."""
+
+    @abc.abstractmethod
+    def purge(self, queue: str) -> int:
+        """Delete every dead letter of ``queue``; how many."""
+
+
+class WorkerSupport:
+    """What a worker's supervisor does with its broker for its slots (by default: nothing)."""
+
+    def recover(self) -> None:
+        """At worker start, before slots run: settle what dead workers left behind."""
+
+    def slot_exited(self, index: int, running: str, *, died: bool) -> None:
+        """Slot ``index`` is gone (``died``: not by a clean stop), while running ``running``
+        (a task label, or "")."""
+
+    def close(self) -> None:
+        pass
+
+
+class Broker(abc.ABC):
+    """Opens the links each part of taskq needs; holds what they share."""
+
+    #: Said when the broker can't be reached: what to check.
+    unreachable_hint = "Is the broker running and reachable?"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password masked: for logs and errors."""
+        return self.config.display_url
+
+    @property
+    def location(self) -> str:
+        """Where the broker is, for the worker's banner (the URL, or an absolute path)."""
+        return self.display_url
+
+    @abc.abstractmethod
+    def client_link(self, *, timeout: float, name: str = "taskq client") -> ClientLink: ...
+
+    @abc.abstractmethod
+    def slot_link(
+        self,
+        queues: Sequence[str],
+        on_delivery: DeliveryCallback,
+        *,
+        timeout: float,
+        name: str = "taskq worker",
+    ) -> SlotLink: ...
+
+    @abc.abstractmethod
+    def admin(self, *, timeout: float) -> Admin: ...
+
+    def worker_support(self, name: str, concurrency: int) -> WorkerSupport:
+        return WorkerSupport()
+
+    def dead_letter_name(self, queue: str) -> str:
+        """What ``taskq dlq`` calls the dead letters of ``queue``."""
+        return f"{queue}.dlq"
+
+    def check_queues(self, queues: Iterable[str], timeout: float) -> list[str]:
+        """Make sure the worker can consume ``queues`` (raise DeclarationConflict and the like
+        now, not in a restart loop); return warnings for the log."""
+        link = self.slot_link(list(queues), lambda delivery: None, timeout=timeout,
+                              name="taskq worker startup")
+        link.close()
+        return []
+
+    @abc.abstractmethod
+    def is_recoverable(self, exc: BaseException) -> bool:
+        """Whether a new link may succeed after ``exc`` (the broker went away, timed out)."""
+
+    @abc.abstractmethod
+    def describe(self, exc: BaseException) -> str:
+        """A short, password-free description of a link error."""
+
+    def explain(self, exc: BaseException) -> str | None:
+        """What the user should know about a lost link, if the cause is a known trap."""
+        return None
+
+    def after_fork(self) -> None:  # noqa: B027 - optional hook
+        """In a child process: forget state that belongs to the parent."""

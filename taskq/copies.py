@@ -1,9 +1,9 @@
 """Messages derived from one that was received: a retry, a message not due yet, a replay.
 
 Each is a fresh message with the same body and id; only the protocol headers change (Celery's
-``retries`` and ``eta``). Headers whose names start with ``x-`` belong to brokers and to
-taskq's bookkeeping (dead-letter reasons, broker histories, delay routing): a copy starts
-without them, and the broker adds what it needs when it stores the copy.
+``retries`` and ``eta``). Headers whose names start with ``x-`` or ``taskq-`` belong to
+brokers and to taskq's bookkeeping (dead-letter reasons, broker histories, delay routing): a
+copy starts without them, and the broker adds what it needs when it stores the copy.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from .message import Delivery, Envelope, parse_time
 
 
 def protocol_headers(headers: dict[Any, Any]) -> dict[str, Any]:
-    """The headers a copy keeps: string keys, none of a broker's or taskq's own ``x-`` ones."""
+    """The headers a copy keeps: string keys, none of a broker's or taskq's own."""
     return {
         key: value
         for key, value in headers.items()
-        if isinstance(key, str) and not key.startswith("x-")
+        if isinstance(key, str) and not key.startswith(("x-", "taskq-"))
     }
 
 

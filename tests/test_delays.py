@@ -22,7 +22,7 @@ def delayed_counts(broker: Broker) -> tuple[int, int]:
     """(number of delay queues, messages waiting in them) in the test vhost."""
     out = rabbitmqctl("list_queues", "-q", "--no-table-headers", "-p", broker.vhost, "name",
                       "messages")
-    rows = [line.split("\t") for line in out.splitlines() if line.startswith("taskq.delay.")]
+    rows = [line.split("\t") for line in out.splitlines() if line.startswith("taskq.delayed.")]
     return len(rows), sum(int(count) for _, count in rows)
 
 

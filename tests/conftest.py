@@ -72,6 +72,8 @@ def start_worker(
               concurrency: int = 2, ready: bool = True, env: dict[str, str] | None = None
               ) -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(workers) + 1}.log"
+        # One machine per test: workers started by one test share a state directory.
+        env = {"TASKQ_STATE_DIR": str(tmp_path / "worker-state"), **(env or {})}
         worker = WorkerProcess(broker, app, queues or [queue], log_path, *args,
                                concurrency=concurrency, env=env)
         workers.append(worker)

@@ -125,8 +125,11 @@ class Broker:
             # closing the channel requeues them
 
     def publish_raw(self, queue: str, body: bytes, **properties: Any) -> None:
+        """Publish as a foreign client would (declaring the queue, plainly, only if missing)."""
+        if not self.exists(queue):
+            with self.channel() as ch:
+                ch.queue_declare(queue, durable=True, auto_delete=False)
         with self.channel() as ch:
-            ch.queue_declare(queue, durable=True, auto_delete=False)
             ch.basic_publish(amqp.Message(body, **properties), exchange="", routing_key=queue)
 
     def delete_queue(self, queue: str) -> None:

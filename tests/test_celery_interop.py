@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import amqp
 import pytest
 from celery import Celery
+from kombu import Queue
 
 import taskq
 
@@ -143,7 +144,13 @@ def celery_client(broker: Broker, queue: str) -> Iterator[Celery]:
     """A Celery client app on the test's vhost, sending to the test's queue, rpc:// results."""
     client = Celery("taskq-tests-client", broker=broker.url, backend="rpc://",
                     set_as_current=False)
-    client.conf.update(task_default_queue=queue, broker_connection_retry_on_startup=True)
+    # A queue taskq created has a dead-letter route: Celery declares it with the same
+    # arguments (the README's migration section says so).
+    client.conf.update(
+        task_default_queue=queue, broker_connection_retry_on_startup=True,
+        task_queues=[Queue(queue, routing_key=queue, queue_arguments={
+            "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue}.dlq"})],
+    )
     try:
         yield client
     finally:

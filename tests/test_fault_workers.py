@@ -238,22 +238,49 @@ def test_the_worker_flag_sets_a_default_time_limit(
 # -- the connection between running and acking ---------------------------------------------
 
 
-def test_a_connection_lost_before_the_ack_runs_the_task_again_but_the_caller_sees_one_result(
-        tasks: SimpleNamespace, broker: Broker, tmp_path: Path,
+def test_a_connection_lost_before_the_ack_is_not_run_twice_by_the_same_slot(
+        tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
         start_worker: Callable[..., WorkerProcess]) -> None:
-    """Given a running task, when the broker closes the worker's connection before the task
-    finishes, the message is redelivered and the task runs a second time (at-least-once);
-    the caller still gets exactly one result."""
+    """Given a running task, when the broker closes the slot's connection before the task
+    finishes, the task still finishes and its caller gets the result; the broker gives the
+    message back (it was never acked) to the same slot, which knows it finished and settles
+    it without running it a second time."""
     worker = start_worker(concurrency=1)
     pid_file, release = tmp_path / "pid", tmp_path / "release"
     result = tasks.pid_then_block.delay(str(pid_file), str(release))
     _pid(pid_file)
     pid_file.unlink()
-    assert broker.close_connections("taskq worker slot-1") == 1
+    assert broker.close_connections("taskq worker slot-1 pid=") == 1  # the one it consumes on
     release.touch()
     assert result.get(timeout=15) == "released"
-    _pid(pid_file)  # it ran again after the redelivery
-    wait_for(lambda: "will deliver it again" in worker.log(), 10, "the worker to say so")
+    wait_for(lambda: "settled without running it again" in worker.log(), 15,
+             "the redelivered message to be settled")
+    assert not pid_file.exists()  # it did not run again
+    info = broker.queue_info(queue)
+    assert (info["messages_ready"], info["messages_unacknowledged"]) == ("0", "0")
+
+
+def test_a_connection_lost_before_the_ack_runs_the_task_elsewhere_and_the_caller_sees_one(
+        tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a running task whose slot loses its connection, a second worker gets the
+    message back and runs it too (at-least-once: the first run may never have finished);
+    both runs finish, and the caller gets exactly one result."""
+    first = start_worker(concurrency=1)
+    pid_file, release = tmp_path / "pid", tmp_path / "release"
+    result = tasks.pid_then_block.delay(str(pid_file), str(release))
+    first_pid = _pid(pid_file)
+    pid_file.unlink()
+    assert broker.close_connections("taskq worker slot-1 pid=") == 1
+    start_worker(concurrency=1)
+    second_pid = _pid(pid_file)  # the same task, run by the other worker
+    assert second_pid != first_pid
+    release.touch()
+    assert result.get(timeout=15) == "released"
+    wait_for(lambda: "will deliver it again" in first.log(), 10, "the first worker to say so")
+    wait_for(lambda: broker.queue_info(queue)["messages_unacknowledged"] == "0", 15,
+             "both runs to be settled")
+    assert broker.queue_info(queue)["messages_ready"] == "0"
     assert result.get(timeout=0) == "released"
 
 

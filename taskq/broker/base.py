@@ -22,6 +22,10 @@ Links tell a waiting thread when to look through :class:`Readiness`: a descripto
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -184,6 +188,11 @@ class SlotLink(abc.ABC):
     def lost_runs(self, delivery: Delivery) -> int:
         """How many runs of this message were cut short by the death of their process."""
 
+    def run_record(self, delivery: Delivery) -> bytes:
+        """What the broker needs to count a lost run of ``delivery`` if this slot's process
+        dies running it (kept in the slot's run record; see :class:`WorkerSupport`)."""
+        return b""
+
     def hold_handle(self) -> int | None:
         """A descriptor whose duplicate, kept by the worker's supervisor, keeps the link's
         message held if the slot process dies, until the supervisor has settled its death
@@ -253,17 +262,48 @@ class Admin(abc.ABC):
 
 
 class WorkerSupport:
-    """What a worker's supervisor does with its broker for its slots (by default: nothing)."""
+    """What a worker's supervisor does with its broker for its slots.
+
+    Each slot keeps a run record (:mod:`taskq.broker.records`) of what it runs, in a file
+    this object places; the supervisor reads it when the slot dies. A slot may also hand the
+    supervisor a descriptor to hold (:meth:`SlotLink.hold_handle`): held until the
+    supervisor has settled the slot's death, then closed. By default the records live in a
+    temporary directory and a death needs nothing more.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="taskq-worker-")
+        self._held: dict[int, int] = {}
+
+    def run_record_path(self, index: int) -> str:
+        return os.path.join(self._dir, f"slot-{index}.run")
+
+    def slot_state(self, index: int) -> dict[str, str]:
+        """What slot ``index`` passes to :meth:`Broker.slot_link` (picklable)."""
+        return {}
 
     def recover(self) -> None:
         """At worker start, before slots run: settle what dead workers left behind."""
 
-    def slot_exited(self, index: int, running: str, *, died: bool) -> None:
-        """Slot ``index`` is gone (``died``: not by a clean stop), while running ``running``
-        (a task label, or "")."""
+    def hold(self, index: int, fd: int) -> None:
+        self.release(index)
+        self._held[index] = fd
+
+    def release(self, index: int) -> None:
+        fd = self._held.pop(index, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def slot_exited(self, index: int, data: bytes, *, died: bool) -> None:
+        """Slot ``index`` is gone (``died``: not by a clean stop) while its run record held
+        ``data`` (b"": it ran nothing)."""
+        self.release(index)
 
     def close(self) -> None:
-        pass
+        for index in list(self._held):
+            self.release(index)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Broker(abc.ABC):
@@ -296,7 +336,9 @@ class Broker(abc.ABC):
         *,
         timeout: float,
         name: str = "taskq worker",
-    ) -> SlotLink: ...
+        state: dict[str, str] | None = None,
+    ) -> SlotLink:
+        """``state``: what :meth:`WorkerSupport.slot_state` gave this slot."""
 
     @abc.abstractmethod
     def admin(self, *, timeout: float) -> Admin: ...

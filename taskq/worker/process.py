@@ -2,9 +2,11 @@
 
 The supervisor and a slot process talk over one pipe: the supervisor sends ``"stop"`` (warm
 shutdown); the slot reports its connection being lost and restored (the supervisor logs an
-outage once for all slots) and errors it can't recover from. A small shared buffer holds the
-task the slot is running, so that if the process dies the supervisor can say which task killed
-it. If the supervisor dies, even by kill -9, the pipe closes and the slot exits with it.
+outage once for all slots), errors it can't recover from, and hands over a descriptor its
+broker link wants held across its death (see :class:`taskq.broker.base.WorkerSupport`). The
+slot's run record (a small shared file) says what it runs, so that if the process dies the
+supervisor can say which task killed it and the broker can count the lost run. If the
+supervisor dies, even by kill -9, the pipe closes and the slot exits with it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import os
 import signal
 import threading
 from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.reduction import send_handle
 
+from ..broker.records import RunRecord
 from ..errors import TaskqError
 from .heartbeat import Heartbeater
 from .slot import Slot
@@ -25,21 +28,21 @@ from .triage import SlotOptions
 log = logging.getLogger("taskq.worker")
 
 STOP = "stop"
-LOST, RESTORED, FATAL = "lost", "restored", "fatal"
+LOST, RESTORED, FATAL, HOLD = "lost", "restored", "fatal", "hold"
 #: Exit code of a slot process that met an error restarting it won't fix.
 FATAL_EXIT = 3
-#: Bytes kept of the running task's "name[id]" in the shared buffer.
-LABEL_SIZE = 200
 
 
 class PipeReporter:
-    def __init__(self, control: Connection, label: Any) -> None:
+    def __init__(self, control: Connection) -> None:
         self._control = control
-        self._label = label
+        self._lock = threading.Lock()
 
-    def _send(self, message: tuple[object, ...]) -> None:
-        with contextlib.suppress(OSError):
+    def _send(self, message: tuple[object, ...], handle: int | None = None) -> None:
+        with contextlib.suppress(OSError), self._lock:
             self._control.send(message)
+            if handle is not None:
+                send_handle(self._control, handle, 0)  # (the pid matters on Windows only)
 
     def connection_lost(self, slot: str, reason: str, opened_at: float | None = None) -> None:
         self._send((LOST, slot, reason, opened_at))
@@ -47,14 +50,18 @@ class PipeReporter:
     def connection_restored(self, slot: str) -> None:
         self._send((RESTORED, slot))
 
-    def running(self, slot: str, label: str | None) -> None:
-        self._label.value = (label or "").encode()[: LABEL_SIZE - 1]
-
     def holding(self, slot: str, handle: int | None) -> None:
-        pass
+        if handle is not None:
+            self._send((HOLD, slot), handle)
 
 
-def slot_main(options: SlotOptions, index: int, control: Connection, label: Any) -> None:
+def slot_main(
+    options: SlotOptions,
+    index: int,
+    control: Connection,
+    record_path: str,
+    state: dict[str, str],
+) -> None:
     """Entry point of a slot process."""
     # Shutdown is the supervisor's call: a Ctrl-C sent to the whole process group, or a
     # SIGTERM from a service manager, must not cut a running task short.
@@ -67,7 +74,15 @@ def slot_main(options: SlotOptions, index: int, control: Connection, label: Any)
     setup_logging(options.loglevel)
     app = load_app(options.app_spec)
     install_soft_limit_handler()
-    slot = Slot(app, options, index, PipeReporter(control, label), main_thread=True)
+    slot = Slot(
+        app,
+        options,
+        index,
+        PipeReporter(control),
+        record=RunRecord(record_path),
+        state=state,
+        main_thread=True,
+    )
     threading.Thread(
         target=_listen, args=(control, slot), name="taskq-control", daemon=True
     ).start()

@@ -24,11 +24,12 @@ import multiprocessing
 import os
 import select
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Protocol
 
 from ..app import App
 from ..broker.base import Reply, SlotLink
+from ..broker.records import RunRecord
 from ..copies import delayed, retry
 from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
 from ..message import Delivery
@@ -38,6 +39,9 @@ from .triage import Later, Refuse, SlotOptions, reply_to, triage
 
 log = logging.getLogger("taskq.worker")
 
+#: Runs remembered as finished although their link died before they were settled.
+REMEMBERED = 1024
+
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
@@ -46,18 +50,28 @@ class Reporter(Protocol):
 
     def connection_lost(self, slot: str, reason: str, opened_at: float | None = None) -> None: ...
     def connection_restored(self, slot: str) -> None: ...
-    def running(self, slot: str, label: str | None) -> None: ...
     def holding(self, slot: str, handle: int | None) -> None: ...
 
 
 class Slot:
     def __init__(
-        self, app: App, options: SlotOptions, index: int, reporter: Reporter, *, main_thread: bool
+        self,
+        app: App,
+        options: SlotOptions,
+        index: int,
+        reporter: Reporter,
+        *,
+        record: RunRecord,
+        state: dict[str, str] | None = None,
+        main_thread: bool,
     ) -> None:
         self.name = f"slot-{index}"
         self.app = app
         self.options = options
         self.reporter = reporter
+        #: What this slot runs, for its supervisor (and the broker, if this process dies).
+        self.record = record
+        self.state = state or {}
         self.config = app.config
         self.broker = app.broker
         #: Soft time limits use SIGALRM, which only the main thread receives.
@@ -73,6 +87,9 @@ class Slot:
         #: When the task running in this thread started (None: none is), for keepalives.
         self.running_since: float | None = None
         self.stashed: list[tuple[Delivery, Reply]] = []
+        #: (task id, retries) of runs that finished after their link died: the broker gives
+        #: the message back (to us, usually), and running it again would only repeat it.
+        self.finished_unsettled: OrderedDict[tuple[str, Any], None] = OrderedDict()
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -149,6 +166,7 @@ class Slot:
                     self.inbox.append,
                     timeout=self.config.connect_timeout,
                     name=f"taskq worker {self.name}",
+                    state=self.state,
                 )
             except DeclarationConflict:
                 raise
@@ -264,6 +282,16 @@ class Slot:
 
     def _start(self, delivery: Delivery) -> None:
         assert self.link is not None
+        if _run_key(delivery) in self.finished_unsettled:
+            del self.finished_unsettled[_run_key(delivery)]
+            log.warning(
+                "task %s[%s] came back after it finished here on a connection that was lost "
+                "before its ack: settled without running it again",
+                delivery.task_name,
+                delivery.task_id,
+            )
+            self.link.settle(delivery, None)
+            return
         lost = self.link.lost_runs(delivery)
         decision = triage(delivery, self.app, self.options, self.name, lost)
         if isinstance(decision, Refuse):
@@ -275,9 +303,13 @@ class Slot:
         else:
             self._run_here(delivery, decision.job)
 
-    def _run_here(self, delivery: Delivery, job: Job) -> None:
+    def _running(self, delivery: Delivery, job: Job) -> None:
+        assert self.link is not None
         self.current, self.current_link = delivery, self.link
-        self.reporter.running(self.name, f"{job.task}[{job.task_id}]")
+        self.record.write(f"{job.task}[{job.task_id}]", self.link.run_record(delivery))
+
+    def _run_here(self, delivery: Delivery, job: Job) -> None:
+        self._running(delivery, job)
         self.running_since = time.monotonic()
         try:
             outcome = execute(self.app, job, use_signals=self.main_thread)
@@ -290,8 +322,7 @@ class Slot:
             self._replace_executor()  # it died while idle, and the slot had not heard yet
         if self.executor is None:
             self.executor = self._new_executor()
-        self.current, self.current_link = delivery, self.link
-        self.reporter.running(self.name, f"{job.task}[{job.task_id}]")
+        self._running(delivery, job)
         self.started_at = time.monotonic()
         self.hard_limit = hard_limit
         self.executor.submit(job)
@@ -324,7 +355,7 @@ class Slot:
         self.current = self.current_link = None
         self.hard_limit = None
         if delivery is None:
-            self.reporter.running(self.name, None)
+            self.record.clear()
             if outcome is None and self.executor is not None:
                 log.warning(
                     "%s: idle executor process died (%s); a new one starts when needed",
@@ -339,7 +370,7 @@ class Slot:
             else:
                 self._settle(delivery, link, outcome)
         finally:
-            self.reporter.running(self.name, None)
+            self.record.clear()
 
     def _settle(self, delivery: Delivery, link: SlotLink | None, outcome: Outcome) -> None:
         try:
@@ -383,6 +414,10 @@ class Slot:
             delivery.task_name,
             delivery.task_id,
         )
+        if outcome.kind == "done" and delivery.task_id:
+            self.finished_unsettled[_run_key(delivery)] = None
+            while len(self.finished_unsettled) > REMEMBERED:
+                self.finished_unsettled.popitem(last=False)
         reply = self._reply(delivery, outcome)
         if outcome.kind != "done" or reply is None:
             return
@@ -483,3 +518,7 @@ class Slot:
             self.executor.close()
             self.executor = None
             self._executor_changed = True
+
+
+def _run_key(delivery: Delivery) -> tuple[str, Any]:
+    return (delivery.task_id or "", delivery.headers.get("retries") or 0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import multiprocessing.connection
 import os
 import signal
@@ -26,104 +25,18 @@ from typing import Any
 
 from .. import __version__
 from ..app import App
+from ..broker.base import WorkerSupport
+from ..broker.records import RunRecord
 from ..errors import ConfigurationError, DeclarationConflict, TaskqError
 from .heartbeat import Heartbeater
-from .process import FATAL, FATAL_EXIT, LABEL_SIZE, LOST, RESTORED, STOP, slot_main
+from .outages import OutageLog
+from .pool import SlotProcesses
 from .slot import Slot
 from .triage import SlotOptions
 
 log = logging.getLogger("taskq.worker")
 
 POOLS = ("process", "threads")
-
-
-class OutageLog:
-    """Logs a broker outage once for the whole worker, not once per slot per retry.
-
-    A slot busy with a task notices its connection died only when the task ends, perhaps
-    after the other slots have reconnected: a connection opened before the outage already
-    announced is a straggler of that outage, not a new one.
-    """
-
-    def __init__(self, display_url: str) -> None:
-        self.display_url = display_url
-        self._lost: set[str] = set()
-        self._announced = False
-        self._outage_started = float("-inf")
-        self._lock = threading.Lock()
-        #: What each slot runs right now ("name[id]"), for the shutdown message.
-        self.busy: dict[str, str] = {}
-
-    def connection_lost(self, slot: str, reason: str, opened_at: float | None = None) -> None:
-        """``opened_at``: when the connection that failed was opened (monotonic clock)."""
-        with self._lock:
-            self._lost.add(slot)
-            straggler = opened_at is not None and opened_at < self._outage_started
-            announce = not self._announced and not straggler
-            if announce:
-                self._announced = True
-                self._outage_started = time.monotonic()
-        if announce:
-            log.warning(
-                "lost the connection to the broker at %s (%s); reconnecting",
-                self.display_url,
-                reason,
-            )
-        elif straggler:
-            log.debug("%s also lost its connection in the last outage (%s)", slot, reason)
-
-    def connection_restored(self, slot: str) -> None:
-        with self._lock:
-            if slot not in self._lost:
-                return
-            self._lost.discard(slot)
-            done = not self._lost and self._announced
-            if done:
-                self._announced = False
-        if done:
-            log.warning("reconnected to the broker at %s", self.display_url)
-
-    def running(self, slot: str, label: str | None) -> None:
-        if label:
-            self.busy[slot] = label
-        else:
-            self.busy.pop(slot, None)
-
-    def holding(self, slot: str, handle: int | None) -> None:
-        pass  # slots in this process: nobody outlives them to settle their deaths
-
-
-class SlotProcess:
-    """One slot process and the supervisor's handles on it."""
-
-    def __init__(self, context: Any, options: SlotOptions, index: int) -> None:
-        self.index = index
-        self.name = f"slot-{index}"
-        self.control, child_end = context.Pipe()
-        self.label = context.Array("c", LABEL_SIZE, lock=False)
-        self.process = context.Process(
-            target=slot_main, name=self.name, args=(options, index, child_end, self.label)
-        )
-        self.process.start()
-        child_end.close()
-        self.started = time.monotonic()
-        self.stopping = False
-
-    def send(self, message: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.control.send(message)
-
-    def describe_exit(self) -> str:
-        code = self.process.exitcode
-        if code is not None and code < 0:
-            try:
-                return f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"exit code {code}"
-
-    def running(self) -> str:
-        return bytes(self.label.value).decode(errors="replace")
 
 
 class Worker:
@@ -171,10 +84,15 @@ class Worker:
     def run(self) -> int:
         """Serve until a signal stops the worker; return the process exit code."""
         self._check_broker()
-        self._banner()
-        if self.options.pool == "threads":
-            return self._run_threads()
-        return self._run_processes()
+        self.support = self.broker.worker_support(self.options.hostname, self.concurrency)
+        try:
+            self.support.recover()
+            self._banner()
+            if self.options.pool == "threads":
+                return self._run_threads()
+            return self._run_processes()
+        finally:
+            self.support.close()
 
     def _check_broker(self) -> None:
         """Check the queues once up front: a conflict is an error now, not a crash loop."""
@@ -279,7 +197,7 @@ class Worker:
 
     def _run_processes(self) -> int:
         wakeup = self._install_signals()
-        pool = SlotProcesses(self.options, self.concurrency, self.outages)
+        pool = SlotProcesses(self.options, self.concurrency, self.outages, self.support)
         while True:
             ready = multiprocessing.connection.wait([wakeup, *pool.waitables()], timeout=0.5)
             with contextlib.suppress(OSError):
@@ -301,8 +219,17 @@ class Worker:
     # -- slots as threads ----------------------------------------------------------------------
 
     def _run_threads(self) -> int:
+        support: WorkerSupport = self.support
         slots = [
-            Slot(self.app, self.options, i, self.outages, main_thread=False)
+            Slot(
+                self.app,
+                self.options,
+                i,
+                self.outages,
+                record=RunRecord(support.run_record_path(i)),
+                state=support.slot_state(i),
+                main_thread=False,
+            )
             for i in range(1, self.concurrency + 1)
         ]
         errors: list[BaseException] = []
@@ -332,8 +259,7 @@ class Worker:
             if errors and self._stop_deadline is None:
                 stop_all()
                 self._stop_deadline = time.monotonic() + 5
-            # A copy: slot threads change the dict meanwhile (dict.copy() is atomic).
-            if self._on_signals(stop_all, lambda: None, lambda: self.outages.busy.copy().values()):
+            if self._on_signals(stop_all, lambda: None, lambda: _running(slots)):
                 for slot in slots:
                     slot.kill_current()
                 logging.shutdown()
@@ -345,78 +271,5 @@ class Worker:
         return 0
 
 
-class SlotProcesses:
-    """The slot processes of one worker: started, watched, restarted when one dies."""
-
-    def __init__(self, options: SlotOptions, concurrency: int, outages: OutageLog) -> None:
-        self.options = options
-        self.outages = outages
-        self.context: Any = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload([options.app_spec.partition(":")[0]])
-        self.slots = {i: SlotProcess(self.context, options, i) for i in range(1, concurrency + 1)}
-        self.restart_at: dict[int, float] = {}
-        self.backoff: dict[int, float] = {}
-        #: The first unrecoverable error a slot reported (the worker then stops, exit 1).
-        self.fatal: str | None = None
-
-    def waitables(self) -> list[Any]:
-        return [x for slot in self.slots.values() for x in (slot.process.sentinel, slot.control)]
-
-    def running(self) -> list[str]:
-        return [label for slot in self.slots.values() if (label := slot.running())]
-
-    def stop_all(self) -> None:
-        for slot in self.slots.values():
-            slot.stopping = True
-            slot.send(STOP)
-
-    def kill_all(self) -> None:
-        for slot in self.slots.values():
-            if slot.process.is_alive():
-                slot.process.kill()
-
-    def handle(self, ready: list[Any], *, stopping: bool) -> None:
-        for slot in list(self.slots.values()):
-            self._read_reports(slot)
-            if slot.process.sentinel in ready or not slot.process.is_alive():
-                slot.process.join(1)
-                if slot.process.exitcode is not None:
-                    del self.slots[slot.index]
-                    self._exited(slot, stopping)
-
-    def restart_due(self) -> None:
-        for index, when in list(self.restart_at.items()):
-            if time.monotonic() >= when:
-                del self.restart_at[index]
-                self.slots[index] = SlotProcess(self.context, self.options, index)
-
-    def _read_reports(self, slot: SlotProcess) -> None:
-        with contextlib.suppress(EOFError, OSError):
-            while slot.control.poll():
-                kind, name, *rest = slot.control.recv()
-                if kind == LOST:
-                    self.outages.connection_lost(name, rest[0], rest[1])
-                elif kind == RESTORED:
-                    self.outages.connection_restored(name)
-                elif kind == FATAL:
-                    self.fatal = self.fatal or rest[0]
-
-    def _exited(self, slot: SlotProcess, stopping: bool) -> None:
-        self.outages.connection_restored(slot.name)  # a dead slot no longer waits for the broker
-        if slot.process.exitcode == FATAL_EXIT:
-            self.fatal = self.fatal or f"{slot.name} stopped"
-            return
-        if slot.stopping or stopping:
-            return
-        running = slot.running()
-        log.error(
-            "%s process %s%s; starting a new one",
-            slot.name,
-            slot.describe_exit(),
-            f" while running task {running}" if running else "",
-        )
-        # A slot that dies as soon as it starts would be restarted in a tight loop: back off.
-        lived = time.monotonic() - slot.started
-        delay = 0.0 if lived > 5 else min(30.0, max(0.5, self.backoff.get(slot.index, 0.25) * 2))
-        self.backoff[slot.index] = delay
-        self.restart_at[slot.index] = time.monotonic() + delay
+def _running(slots: list[Slot]) -> list[str]:
+    return [label for slot in slots if (label := slot.record.read()[0])]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ...config import Config
-from ..base import Admin, Broker, DeliveryCallback
+from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
 from . import letters, topology
 from .admin import QueueAdmin
 from .client import ClientConnection
 from .connection import Connector, describe, is_recoverable
 from .consumer import SlotConnection
+from .journal import Spool, hold_lock
 
 __all__ = ["AmqpBroker"]
 
@@ -25,6 +27,8 @@ class AmqpBroker(Broker):
         self.connector = Connector(config)
         #: Queues some publisher of this process has declared: declare once, not per message.
         self.declared: set[str] = set()
+        #: This process's share of its worker's journal lock (slot processes hold one).
+        self._journal_lock: Any = None
 
     def client_link(self, *, timeout: float, name: str = "taskq client") -> ClientConnection:
         """A connection for publishing (and, on one per process, for reading replies)."""
@@ -37,7 +41,11 @@ class AmqpBroker(Broker):
         *,
         timeout: float,
         name: str = "taskq worker",
+        state: dict[str, str] | None = None,
     ) -> SlotConnection:
+        state = state or {}
+        if "lock" in state and self._journal_lock is None:
+            self._journal_lock = hold_lock(state["lock"])
         return SlotConnection(
             self.connector,
             queues,
@@ -45,7 +53,19 @@ class AmqpBroker(Broker):
             timeout=timeout,
             declared=self.declared,
             name=name,
+            spool=Spool(state["spool"]) if "spool" in state else None,
         )
+
+    def check_queues(self, queues: Iterable[str], timeout: float) -> list[str]:
+        link = self.slot_link(list(queues), lambda delivery: None, timeout=timeout,
+                              name="taskq worker startup")
+        link.close()
+        return link.warnings
+
+    def worker_support(self, name: str, concurrency: int) -> WorkerSupport:
+        from .support import AmqpWorkerSupport
+
+        return AmqpWorkerSupport(self, name)
 
     def admin(self, *, timeout: float) -> Admin:
         return QueueAdmin(self.connector, self.declared, timeout=timeout)
@@ -71,3 +91,4 @@ class AmqpBroker(Broker):
 
     def after_fork(self) -> None:
         self.declared = set()
+        self._journal_lock = None

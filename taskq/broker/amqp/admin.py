@@ -107,7 +107,7 @@ class QueueAdmin(Admin):
                     continue
                 envelope, note = rebuild(letter)
                 if envelope.queue not in self.declared:
-                    topology.declare_work_queue(confirms.channel, envelope.queue)
+                    topology.declare_work_queue(self.connection, envelope.queue)
                     self.declared.add(envelope.queue)
                 window.append((confirms.send_routed(envelope, self.declared), received.tag,
                                letter, note))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from ...message import Delivery, Envelope
 from ..base import ClientLink
 from . import delays, topology
 from .channel import ConfirmChannel
-from .connection import Connector, abandon_after_fork, close_quietly, drop
+from .connection import Connector, abandon_after_fork, bound, close_quietly, drop
 from .consumer import plain_channel
 from .frames import Input, delivery, read_waiting
 
@@ -46,17 +47,22 @@ class ClientConnection(ClientLink):
     ) -> None:
         self.pid = os.getpid()
         self.blocked: str | None = None
+        self.setup_timeout = connector.config.connect_timeout
+        deadline = time.monotonic() + timeout
         self.connection = connector.connect_once(
             timeout=timeout,
             name=name,
             on_blocked=self._on_blocked,
             on_unblocked=self._on_unblocked,
         )
+        self.bound = bound(self.connection)
         try:
-            self.channel = ConfirmChannel(self.connection)
+            with self.bound.until(deadline):
+                self.channel = ConfirmChannel(self.connection)
         except BaseException:
             drop(self.connection)
             raise
+        self.bound.relax()
         self.declared = declared
         self.replies: Any = None
         self._on_reply: Callable[[Delivery], None] | None = None
@@ -76,19 +82,19 @@ class ClientConnection(ClientLink):
         if queue in self.declared:
             return
         try:
-            topology.declare_work_queue(self.channel.channel, queue)
+            topology.declare_work_queue(self.connection, queue)
         except DeclarationConflict as exc:
             # The queue exists, with arguments someone else chose: it can still take our
             # messages. Workers report such conflicts; a publisher only needs the queue.
             log.warning("%s; publishing to it as it is", exc)
-            self.channel = ConfirmChannel(self.connection)
         self.declared.add(queue)
 
     def publish(self, envelope: Envelope, deadline: float) -> None:
         """Send one message and return once the broker confirmed it (raise otherwise)."""
-        self._ensure_queue(envelope.queue)
-        seq = self._send(envelope)
-        self.channel.wait_until(seq, deadline)
+        with self.bound.until(deadline):
+            self._ensure_queue(envelope.queue)
+            seq = self._send(envelope)
+            self.channel.wait_until(seq, deadline)
         self._check(seq, envelope)
 
     def _send(self, envelope: Envelope) -> int:
@@ -103,18 +109,22 @@ class ClientConnection(ClientLink):
         Adds the ids the broker confirmed to ``confirmed`` as it goes, so that after a
         connection error the caller resends only the rest.
         """
-        for queue in {env.queue for env in envelopes}:
-            self._ensure_queue(queue)
         channel = self.channel
         sent: list[tuple[int, Envelope]] = []
         try:
-            for i, env in enumerate(envelopes, 1):
-                sent.append((self._send(env), env))
-                if i % CONFIRM_WINDOW == 0:
-                    # Read the acks that arrived meanwhile: keeps both socket buffers moving.
-                    channel.poll()
-            if sent:
-                channel.wait_until(sent[-1][0], deadline)
+            with self.bound.until(deadline):
+                for queue in {env.queue for env in envelopes}:
+                    self._ensure_queue(queue)
+                for i, env in enumerate(envelopes, 1):
+                    sent.append((self._send(env), env))
+                    if i % CONFIRM_WINDOW == 0:
+                        # Read the acks that arrived meanwhile: keeps both socket buffers
+                        # moving (and notices a broker that stopped reading).
+                        channel.poll()
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("timed out sending to the broker")
+                if sent:
+                    channel.wait_until(sent[-1][0], deadline)
         finally:
             # Settled is not confirmed: a nacked or returned message was not queued.
             outstanding, nacked, returned = channel.outstanding, channel.nacked, channel.returned
@@ -176,19 +186,21 @@ class ClientConnection(ClientLink):
     ) -> bool:
         """Declare and consume ``queue``; False if it was gone although it should have existed
         (results sent to it meanwhile are lost)."""
-        channel = plain_channel(self.connection)
         intact = True
-        if must_exist:
-            try:
-                channel.queue_declare(queue=queue, passive=True)
-            except amqp_errors.NotFound:
-                intact = False
-                channel = plain_channel(self.connection)
-        topology.declare_reply_queue(channel, queue, expires)
-        self._on_reply = on_reply
-        channel.basic_consume(
-            queue, no_ack=False, callback=self._on_reply_message, on_cancel=self._on_reply_cancel
-        )
+        with self.bound.until(time.monotonic() + self.setup_timeout):
+            channel = plain_channel(self.connection)
+            if must_exist:
+                try:
+                    channel.queue_declare(queue=queue, passive=True)
+                except amqp_errors.NotFound:
+                    intact = False
+                    channel = plain_channel(self.connection)
+            topology.declare_reply_queue(channel, queue, expires)
+            self._on_reply = on_reply
+            channel.basic_consume(
+                queue, no_ack=False, callback=self._on_reply_message,
+                on_cancel=self._on_reply_cancel,
+            )
         self.replies = channel
         return intact
 
@@ -213,4 +225,5 @@ class ClientConnection(ClientLink):
         self.connection.heartbeat_tick()
 
     def delete_replies(self, queue: str) -> None:
-        self.channel.channel.queue_delete(queue)
+        with self.bound.until(time.monotonic() + min(2.0, self.setup_timeout)):
+            self.channel.channel.queue_delete(queue)

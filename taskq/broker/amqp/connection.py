@@ -12,7 +12,9 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+import struct
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -136,7 +138,63 @@ class Connector:
             ) from exc
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _read_ahead(conn.transport)
+        # Setting up (channels, confirm mode, declarations) gets the connect timeout; the
+        # link relaxes the bound once it is set up.
+        conn.taskq_bound = Bound(conn.sock, connect_timeout)
         return conn
+
+
+def bound(conn: amqp.Connection) -> Bound:
+    """The :class:`Bound` of a connection made by :meth:`Connector.connect_once`."""
+    value: Bound = conn.taskq_bound
+    return value
+
+
+#: Longest one read or write on a connection may block when no operation set a bound of its
+#: own: a broker silent for this long in the middle of a frame is treated as gone.
+STALL_LIMIT = 60.0
+_TIMEVAL = struct.Struct("@ll")
+
+
+class Bound:
+    """Bounds every blocking read and write on one connection's socket, in the kernel.
+
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` keep the socket in blocking mode (no mode switch per
+    call, which the hot paths can't afford) and bound py-amqp's own blocking waits too: a
+    channel open, ``confirm_select``, a declaration, ``basic.cancel``, a write into a socket
+    the broker stopped reading (a memory alarm). A read past the bound raises
+    ``socket.timeout``, a write ``BlockingIOError``: both are recoverable connection errors.
+    """
+
+    def __init__(self, sock: Any, seconds: float) -> None:
+        self._sock = sock
+        self._seconds = -1.0
+        self.set(seconds)
+
+    def set(self, seconds: float) -> None:
+        """Bound each call to ``seconds`` from now on (e.g. :data:`STALL_LIMIT` once set up)."""
+        seconds = max(0.001, seconds)
+        if abs(seconds - self._seconds) < 0.0005:
+            return
+        whole = int(seconds)
+        value = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+        with contextlib.suppress(OSError):  # a closed socket fails the call that follows
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        self._seconds = seconds
+
+    def relax(self) -> None:
+        self.set(STALL_LIMIT)
+
+    @contextlib.contextmanager
+    def until(self, deadline: float) -> Iterator[None]:
+        """Within the block, no single call waits past ``deadline`` (monotonic)."""
+        before = self._seconds
+        self.set(deadline - time.monotonic())
+        try:
+            yield
+        finally:
+            self.set(before)
 
 
 #: Bytes asked of each recv(): py-amqp asks for exactly what the frame part it reads needs,
@@ -147,7 +205,15 @@ READ_AHEAD = 4096
 
 def _read_ahead(transport: Any) -> None:
     recv = transport._quick_recv
-    transport._quick_recv = lambda size: recv(max(size, READ_AHEAD))
+
+    def read(size: int) -> Any:
+        try:
+            return recv(max(size, READ_AHEAD))
+        except (BlockingIOError, ssl.SSLWantReadError):
+            # The kernel's receive timeout (Bound) passed: py-amqp would retry forever.
+            raise TimeoutError("timed out waiting for the broker") from None
+
+    transport._quick_recv = read
 
 
 def describe(exc: BaseException) -> str:

@@ -1,37 +1,32 @@
-"""A worker slot's connection to RabbitMQ (:class:`~taskq.broker.base.SlotLink`).
+"""A worker slot's link to RabbitMQ (:class:`~taskq.broker.base.SlotLink`).
 
-The slot's thread waits on the socket with ``poll`` (alongside the other descriptors it
-watches, e.g. its wake-up pipe) and then drains what arrived: reading never waits for a frame
-that has not started to arrive. Setting up, cancelling and confirmed publishes do wait for the
-broker's answer. While a task runs in that thread, the slot's keepalive thread writes
-heartbeats to the connection under the same lock as the slot.
+Two connections: this one consumes and acks and never publishes (so a resource alarm never
+blocks it); :class:`~taskq.broker.amqp.publisher.SlotPublisher` sends results and what must be
+stored before an ack. The slot's thread waits on this socket with ``poll`` (alongside its
+other descriptors) and then drains what arrived: reading never waits for a frame that has not
+started to arrive. Everything that waits for the broker's answer is bounded (``Bound``).
+
+One message at a time, on every queue type: prefetch 1 per consumer (global QoS is refused by
+quorum queues and deprecated). A slot serving one queue keeps one consumer, and the broker
+sends the next message when the ack frees the slot. A slot serving several queues consumes
+them all only while idle: the first message in cancels the other consumers (one that arrives
+in between goes straight back to its queue), and after the ack the slot asks the queues in
+turn (``basic.get``, so none is starved) before it consumes them all again.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from amqp import exceptions as amqp_errors
-
-from ...message import DELIVERY_COUNT_HEADER, Delivery, Envelope
+from ...message import Delivery, Envelope
 from ..base import DeliveryCallback, Reply, SlotLink
-from . import delays, letters, topology
-from .channel import ConfirmChannel, publish_args, raw_writer
-from .connection import Connector, close_quietly, drop
-from .frames import Input, ack_frame, delivery, publish_frames, read_waiting
-from .properties import encode_properties
-
-
-def _result_properties(content_type: str, correlation_id: str) -> dict[str, Any]:
-    return {
-        "content_type": content_type,
-        "delivery_mode": 2,
-        "correlation_id": correlation_id,
-        "content_encoding": "utf-8" if content_type == "application/json" else "binary",
-    }
+from . import delays, letters, lost, topology
+from .connection import Connector, bound, close_quietly, drop
+from .frames import Input, ack_frame, delivery, read_waiting
+from .journal import Spool
+from .publisher import SlotPublisher, locked_writers
 
 
 def plain_channel(connection: Any) -> Any:
@@ -41,8 +36,6 @@ def plain_channel(connection: Any) -> Any:
 
 
 class SlotConnection(SlotLink):
-    """A worker slot's connection: at most one unacked message, results, dead letters."""
-
     def __init__(
         self,
         connector: Connector,
@@ -52,92 +45,133 @@ class SlotConnection(SlotLink):
         timeout: float,
         declared: set[str],
         name: str = "taskq worker",
+        spool: Spool | None = None,
     ) -> None:
         self.config = connector.config
-        self.connection = connector.connect_once(timeout=timeout, name=name)
-        self.opened_at = time.monotonic()
         self.queues = list(queues)
         self.declared = declared
         self._on_delivery = on_delivery
+        #: Warnings about the queues, for the worker's log (see ``check_queues``).
+        self.warnings: list[str] = []
+        deadline = time.monotonic() + timeout
+        self.connection = connector.connect_once(timeout=timeout, name=name)
+        self.opened_at = time.monotonic()
+        self.publisher: SlotPublisher | None = None
+        try:
+            with bound(self.connection).until(deadline):
+                self._write = locked_writers(self.connection)
+                self.channel = plain_channel(self.connection)
+                for queue in self.queues:
+                    warning = topology.declare_work_queue(self.connection, queue)
+                    if warning:
+                        self.warnings.append(warning)
+                    topology.declare_dead_letter_queue(self.channel, queue)
+                    delays.bind_consumed(self.channel, queue, declared)
+                self.channel.basic_qos(0, 1, False)
+            self.publisher = SlotPublisher(
+                connector,
+                deadline=deadline,
+                declared=declared,
+                known_queues=set(self.queues),
+                spool=spool,
+                name=f"{name} results",
+            )
+        except BaseException:
+            self.drop()  # e.g. a declaration conflict: don't leave it open
+            raise
+        bound(self.connection).relax()
+        self.input = Input(self.connection)
+        self.counts = lost.Counts(self.connection)
+        heartbeat = float(self.connection.heartbeat or 0)
+        self.tick_interval = min(1.0, heartbeat / 4) if heartbeat else 1.0
+        #: Consumer tag -> queue, for the consumers active now.
         self._queue_of: dict[str, str] = {}
+        #: Tags cancelled without waiting: their callbacks stay until a later round trip, so a
+        #: message that crossed the cancel still reaches us (and goes back to its queue).
+        self._cancelled: list[str] = []
+        self._holding: Any = None
+        self._paused = True
+        self._turn = 0
+        #: Lost-run counts found for messages held now: delivery tag -> count's queue name.
+        self._counted: dict[Any, str] = {}
         # RabbitMQ cancels a consumer whose queue is deleted; treat it like a lost connection.
         self.cancelled_by_broker: list[str] = []
-        # The keepalive thread writes heartbeats while a task runs in the slot's thread:
-        # every frame goes out whole, under one lock.
-        self._write_lock = threading.Lock()
-        write_frame = self.connection.frame_writer
-
-        def locked_write_frame(*args: Any, **kwargs: Any) -> Any:
-            with self._write_lock:
-                return write_frame(*args, **kwargs)
-
-        self.connection.frame_writer = locked_write_frame
-        write = raw_writer(self.connection)
-
-        def locked_write(data: bytes) -> None:
-            with self._write_lock:
-                write(data)
-
-        self._write = locked_write
-        # Results and acks go out on the consuming channel, unconfirmed: one channel keeps
-        # a result ahead of its ack, and the broker need not confirm every result. What must
-        # be stored before an ack (dead letters, retries, counted copies) goes out on this
-        # confirm-mode channel, and the ack waits for its confirm.
-        try:
-            self.channel = plain_channel(self.connection)
-            self.input = Input(self.connection)
-            self.confirms = ConfirmChannel(self.connection, write=locked_write)
-            for queue in queues:
-                topology.declare_work_queue(self.channel, queue)
-                topology.declare_dead_letter_queue(self.channel, queue)
-                delays.bind_consumed(self.channel, queue, declared)
-            # global=True: RabbitMQ applies it to the whole channel, so a slot consuming
-            # several queues still holds one message at most (per-consumer: one per queue).
-            self.channel.basic_qos(0, 1, True)
-        except BaseException:
-            drop(self.connection)  # e.g. a declaration conflict: don't leave it open
-            raise
-        self.tick_interval = min(1.0, self.heartbeat_interval / 4) or 1.0
-
-    @property
-    def heartbeat_interval(self) -> float:
-        return float(self.connection.heartbeat or 0)
 
     # -- consuming ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        for queue in self.queues:
-            if queue not in self._queue_of.values():
+        self._paused = False
+        if self._holding is None and not self._queue_of:
+            self._consume_all()
+
+    def pause(self) -> None:
+        self._paused = True
+        if self._queue_of:
+            deadline = time.monotonic() + self.config.connect_timeout
+            with bound(self.connection).until(deadline):
+                for tag in list(self._queue_of):
+                    self.channel.basic_cancel(tag)
+            self._queue_of.clear()
+            self._forget_cancelled()
+
+    def _consume_all(self) -> None:
+        deadline = time.monotonic() + self.config.connect_timeout
+        with bound(self.connection).until(deadline):
+            for queue in self.queues:
                 tag: str = self.channel.basic_consume(
                     queue, no_ack=False, callback=self._on_message, on_cancel=self._on_cancel
                 )
                 self._queue_of[tag] = queue
+        self._forget_cancelled()
 
-    def pause(self) -> None:
+    def _cancel_others_nowait(self) -> None:
         for tag in list(self._queue_of):
-            self.channel.basic_cancel(tag)
+            self.channel.basic_cancel(tag, nowait=True)
+            self._cancelled.append(tag)
         self._queue_of.clear()
+
+    def _forget_cancelled(self) -> None:
+        """After a round trip on the channel, nothing more comes for cancelled consumers."""
+        callbacks = self.channel.callbacks
+        for tag in self._cancelled:
+            callbacks.pop(tag, None)
+            self.channel.cancel_callbacks.pop(tag, None)
+        self._cancelled.clear()
 
     def _on_cancel(self, consumer_tag: str) -> None:
         self.cancelled_by_broker.append(self._queue_of.get(consumer_tag, consumer_tag))
 
     def _on_message(self, message: Any) -> None:
-        queue = self._queue_of.get(message.delivery_info.get("consumer_tag", ""), "")
-        received = delivery(message, queue)
-        if received.redelivered and self._recounted(received):
+        tag = message.delivery_info.get("consumer_tag", "")
+        queue = self._queue_of.get(tag, "")
+        if self._holding is not None or not queue:
+            # Crossed a cancel: we run one message at a time, so back it goes, in place.
+            self.channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
             return
+        self._take(delivery(message, queue))
+
+    def _take(self, received: Delivery) -> None:
+        self._holding = received.tag
+        if len(self.queues) > 1:
+            self._cancel_others_nowait()
         self._on_delivery(received)
 
-    def _recounted(self, received: Delivery) -> bool:
-        """A redelivered message may have been cut short: record that in a copy and let the
-        copy come round (classic queues keep no count). True if it was replaced so."""
-        count = letters.delivery_count(received) + 1
-        if count >= self.config.delivery_limit:
-            received.headers[DELIVERY_COUNT_HEADER] = count
-            return False
-        self._publish_confirmed(letters.counted_copy(received, count))
-        self._ack(received)
-        return True
+    def _released(self) -> None:
+        """The held message was settled: take the next one."""
+        self._holding = None
+        if len(self.queues) == 1 or self._paused:
+            return  # one queue: its consumer stays, and the broker sends the next
+        deadline = time.monotonic() + self.config.connect_timeout
+        with bound(self.connection).until(deadline):
+            for step in range(len(self.queues)):
+                queue = self.queues[(self._turn + step) % len(self.queues)]
+                message = self.channel.basic_get(queue, no_ack=False)
+                if message is not None:
+                    self._turn = (self._turn + step + 1) % len(self.queues)
+                    self._forget_cancelled()
+                    self._take(delivery(message, queue))
+                    return
+        self._consume_all()
 
     def drain(self) -> None:
         """Handle every frame already received; return as soon as none is left.
@@ -157,84 +191,100 @@ class SlotConnection(SlotLink):
 
     def tick(self) -> None:
         self.connection.heartbeat_tick()
+        assert self.publisher is not None
+        self.publisher.tick()
 
     def keepalive(self) -> None:
         """Safe from another thread (frames are written under a lock)."""
         self.connection.send_heartbeat()
+        assert self.publisher is not None
+        self.publisher.keepalive()
+
+    # -- lost runs ---------------------------------------------------------------------------
+
+    def lost_runs(self, delivery: Delivery) -> int:
+        """Runs cut short by their process's death: counted by whoever saw them die (see
+        :mod:`taskq.broker.amqp.lost`); looked up only for a message the broker redelivers."""
+        recorded = letters.delivery_count(delivery)
+        if not delivery.redelivered:
+            return recorded
+        name = lost.key(delivery)
+        if name is None:
+            return recorded
+        deadline = time.monotonic() + self.config.connect_timeout
+        with bound(self.connection).until(deadline):
+            count = self.counts.count(name)
+        if count:
+            self._counted[delivery.tag] = name
+        return recorded + count
+
+    def run_record(self, delivery: Delivery) -> bytes:
+        name = lost.key(delivery)
+        return name.encode("utf-8", "surrogatepass") if name else b""
+
+    def hold_handle(self) -> int | None:
+        return int(self.connection.sock.fileno())
 
     # -- settling ----------------------------------------------------------------------------
 
     def settle(self, delivery: Delivery, reply: Reply | None) -> None:
-        """Publish the result (if any), then ack its task, in one write.
+        """Send the result (if any), then ack its task.
 
-        The ack follows the result on the same channel, so the broker has routed the result
-        before it sees the ack; one write is one system call and one wake-up of the broker.
-        Not ``mandatory``: a result whose caller is gone has nobody to go to.
+        The result is written before the ack (on the publishing connection, unconfirmed); not
+        ``mandatory``: a result whose caller is gone has nobody to go to.
         """
-        ack = ack_frame(self.channel.channel_id, delivery.tag)
-        if reply is not None and delivery.reply_to:
-            ack = self._result_frames(delivery, reply) + ack
-        self._write(ack)
+        if reply is not None:
+            self.reply(delivery, reply)
+        self._ack(delivery)
 
     def reply(self, delivery: Delivery, reply: Reply) -> None:
-        if delivery.reply_to:
-            self._write(self._result_frames(delivery, reply))
-
-    def _result_frames(self, delivery: Delivery, reply: Reply) -> bytes:
-        correlation_id = delivery.correlation_id or delivery.task_id or ""
-        properties = encode_properties(_result_properties(reply.content_type, correlation_id))
-        return publish_frames(
-            self.channel.channel_id,
-            publish_args("", str(delivery.reply_to), False),
-            properties,
-            reply.body,
-            self.connection.frame_max,
-        )
+        assert self.publisher is not None
+        self.publisher.result(delivery, reply)
 
     def dead_letter(
         self, delivery: Delivery, exc_type: str, reason: str, worker: str, reply: Reply | None
     ) -> str:
         envelope = letters.dead_letter(delivery, exc_type, reason, worker)
-        self._publish_confirmed(envelope)
+        assert self.publisher is not None
+        self.publisher.store(envelope)
         if reply is not None:
             self.reply(delivery, reply)
         self._ack(delivery)
         return envelope.queue
 
     def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
-        self._publish_confirmed(envelope)
+        assert self.publisher is not None
+        self.publisher.store(envelope)
         if reply is not None:
             self.reply(delivery, reply)
         self._ack(delivery)
 
     def requeue_lost(self, delivery: Delivery) -> None:
-        self._publish_confirmed(
-            letters.counted_copy(delivery, letters.delivery_count(delivery) + 1)
-        )
-        self._ack(delivery)
-
-    def lost_runs(self, delivery: Delivery) -> int:
-        return letters.delivery_count(delivery)
+        """Count the lost run (stored first), then put the message back in its place."""
+        name = lost.key(delivery)
+        assert self.publisher is not None
+        if name is not None:  # (no task id: not a task message, dead-lettered anyway)
+            self.publisher.record_lost(name)
+        self.channel.basic_reject(delivery.tag, requeue=True)
+        self._counted.pop(delivery.tag, None)
+        self._released()
 
     def _ack(self, delivery: Delivery) -> None:
-        self.channel.basic_ack(delivery.tag)
-
-    def _publish_confirmed(self, envelope: Envelope) -> None:
-        """Publish (a dead letter, a retry, a counted copy) and wait for the confirm."""
-        if envelope.queue not in self.queues:
-            topology.declare_work_queue(self.confirms.channel, envelope.queue)
-        deadline = time.monotonic() + self.config.publish_timeout
-        reason = self.confirms.publish_and_wait(envelope, self.declared, deadline)
-        if reason:
-            raise amqp_errors.RecoverableChannelError(
-                f"the broker did not take the message for {envelope.queue}: {reason}"
-            )
+        self._write(ack_frame(self.channel.channel_id, delivery.tag))
+        name = self._counted.pop(delivery.tag, None)
+        if name is not None:
+            self.counts.forget(name)
+        self._released()
 
     # -- closing -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
         close_quietly(self.connection)
 
     def drop(self) -> None:
-        """Discard a connection that failed: no handshake with a broker that may be gone."""
+        """Discard a link that failed: no handshake with a broker that may be gone."""
+        if self.publisher is not None:
+            self.publisher.drop()
         drop(self.connection)

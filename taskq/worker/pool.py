@@ -1,0 +1,156 @@
+"""The slot processes of one worker: started, watched, restarted when one dies.
+
+A slot that dies is replaced at once (with a backoff if it keeps dying as soon as it starts),
+after the broker has settled its death: the descriptor the slot handed over is held until
+then (see :class:`taskq.broker.base.WorkerSupport`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import time
+from multiprocessing.reduction import recv_handle
+from typing import Any
+
+from ..broker.base import WorkerSupport
+from ..broker.records import RunRecord
+from .outages import OutageLog
+from .process import FATAL, FATAL_EXIT, HOLD, LOST, RESTORED, STOP, slot_main
+from .triage import SlotOptions
+
+log = logging.getLogger("taskq.worker")
+
+
+class SlotProcess:
+    """One slot process and the supervisor's handles on it."""
+
+    def __init__(
+        self, context: Any, options: SlotOptions, index: int, support: WorkerSupport
+    ) -> None:
+        self.index = index
+        self.name = f"slot-{index}"
+        self.control, child_end = context.Pipe()
+        path = support.run_record_path(index)
+        self.record = RunRecord(path)
+        self.record.clear()  # a predecessor's record was settled when it died
+        self.process = context.Process(
+            target=slot_main,
+            name=self.name,
+            args=(options, index, child_end, path, support.slot_state(index)),
+        )
+        self.process.start()
+        child_end.close()
+        self.started = time.monotonic()
+        self.stopping = False
+
+    def send(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.control.send(message)
+
+    def describe_exit(self) -> str:
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def running(self) -> str:
+        return self.record.read()[0]
+
+
+class SlotProcesses:
+    def __init__(
+        self,
+        options: SlotOptions,
+        concurrency: int,
+        outages: OutageLog,
+        support: WorkerSupport,
+    ) -> None:
+        self.options = options
+        self.outages = outages
+        self.support = support
+        self.context: Any = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload([options.app_spec.partition(":")[0]])
+        self.slots = {
+            i: SlotProcess(self.context, options, i, support) for i in range(1, concurrency + 1)
+        }
+        self.restart_at: dict[int, float] = {}
+        self.backoff: dict[int, float] = {}
+        #: The first unrecoverable error a slot reported (the worker then stops, exit 1).
+        self.fatal: str | None = None
+
+    def waitables(self) -> list[Any]:
+        return [x for slot in self.slots.values() for x in (slot.process.sentinel, slot.control)]
+
+    def running(self) -> list[str]:
+        return [label for slot in self.slots.values() if (label := slot.running())]
+
+    def stop_all(self) -> None:
+        for slot in self.slots.values():
+            slot.stopping = True
+            slot.send(STOP)
+
+    def kill_all(self) -> None:
+        """Cold shutdown: the interrupted runs are not the tasks' fault (not lost runs)."""
+        for slot in self.slots.values():
+            slot.stopping = True
+            if slot.process.is_alive():
+                slot.process.kill()
+
+    def handle(self, ready: list[Any], *, stopping: bool) -> None:
+        for slot in list(self.slots.values()):
+            self._read_reports(slot)
+            if slot.process.sentinel in ready or not slot.process.is_alive():
+                slot.process.join(1)
+                if slot.process.exitcode is not None:
+                    self._read_reports(slot)  # what it said just before it went
+                    del self.slots[slot.index]
+                    self._exited(slot, stopping)
+
+    def restart_due(self) -> None:
+        for index, when in list(self.restart_at.items()):
+            if time.monotonic() >= when:
+                del self.restart_at[index]
+                self.slots[index] = SlotProcess(self.context, self.options, index, self.support)
+
+    def _read_reports(self, slot: SlotProcess) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while slot.control.poll():
+                kind, name, *rest = slot.control.recv()
+                if kind == LOST:
+                    self.outages.connection_lost(name, rest[0], rest[1])
+                elif kind == RESTORED:
+                    self.outages.connection_restored(name)
+                elif kind == HOLD:
+                    self.support.hold(slot.index, recv_handle(slot.control))
+                elif kind == FATAL:
+                    self.fatal = self.fatal or rest[0]
+
+    def _exited(self, slot: SlotProcess, stopping: bool) -> None:
+        self.outages.connection_restored(slot.name)  # a dead slot no longer waits for the broker
+        running, data = slot.record.read()
+        died = slot.process.exitcode != 0 and not (slot.stopping or stopping)
+        self.support.slot_exited(slot.index, data, died=died)
+        slot.record.clear()
+        slot.control.close()
+        if slot.process.exitcode == FATAL_EXIT:
+            self.fatal = self.fatal or f"{slot.name} stopped"
+            return
+        if slot.stopping or stopping:
+            return
+        log.error(
+            "%s process %s%s; starting a new one",
+            slot.name,
+            slot.describe_exit(),
+            f" while running task {running}" if running else "",
+        )
+        # A slot that dies as soon as it starts would be restarted in a tight loop: back off.
+        lived = time.monotonic() - slot.started
+        delay = 0.0 if lived > 5 else min(30.0, max(0.5, self.backoff.get(slot.index, 0.25) * 2))
+        self.backoff[slot.index] = delay
+        self.restart_at[slot.index] = time.monotonic() + delay

@@ -18,5 +18,7 @@ def setup_logging(level: int | str) -> None:
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
-    # py-amqp logs every frame at DEBUG; keep it out unless asked for explicitly.
-    logging.getLogger("amqp").setLevel(max(int(level), logging.INFO))
+    # py-amqp logs every frame at DEBUG, and frames that cross a channel's close at WARNING
+    # (harmless: taskq closes channels with messages in flight on purpose). Keep both out
+    # unless asked for.
+    logging.getLogger("amqp").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)

@@ -13,7 +13,7 @@ import pytest
 from taskq import App
 
 from .apps import basic
-from .support import Broker, WorkerProcess, rabbitmqctl, unique
+from .support import Broker, WorkerProcess, rabbitmqctl, unique, wait_for
 from .tls_broker import TlsBroker, tls_broker
 
 
@@ -89,3 +89,18 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     """A throwaway RabbitMQ node with TLS listeners and its own certificate authority."""
     with tls_broker(tmp_path_factory.mktemp("tls-broker")) as node:
         yield node
+
+
+@pytest.fixture
+def memory_alarm() -> Iterator[Callable[[bool], None]]:
+    """Switch RabbitMQ's memory alarm on and off (a tiny high watermark); always off after."""
+
+    def alarm(on: bool) -> None:
+        rabbitmqctl("set_vm_memory_high_watermark", "0.0001" if on else "0.4")
+        wait_for(lambda: ("resource_limit" in rabbitmqctl("eval", "rabbit_alarm:get_alarms().")
+                          ) == on, 20, f"the memory alarm to be {'on' if on else 'off'}")
+
+    try:
+        yield alarm
+    finally:
+        alarm(False)

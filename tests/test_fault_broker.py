@@ -157,21 +157,6 @@ def test_a_queue_declared_with_other_arguments_stops_the_worker_with_one_line(
     assert "x-max-length" in error
 
 
-@pytest.fixture
-def memory_alarm() -> Iterator[Callable[[bool], None]]:
-    """Switch RabbitMQ's memory alarm on and off (a tiny high watermark); always off after."""
-
-    def alarm(on: bool) -> None:
-        rabbitmqctl("set_vm_memory_high_watermark", "0.0001" if on else "0.4")
-        wait_for(lambda: ("resource_limit" in rabbitmqctl("eval", "rabbit_alarm:get_alarms().")
-                          ) == on, 20, f"the memory alarm to be {'on' if on else 'off'}")
-
-    try:
-        yield alarm
-    finally:
-        alarm(False)
-
-
 def test_a_blocked_broker_fails_publishers_in_time_while_consumers_keep_acking(
         memory_alarm: Callable[[bool], None], make_app: Callable[..., App], broker: Broker,
         queue: str, tmp_path: Path, start_worker: Callable[..., WorkerProcess]) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from .support import Broker, WorkerProcess, rabbitmqctl, wait_for
 
 
@@ -80,3 +82,32 @@ def test_a_worker_serves_several_queues(
     second = basic.build(make_app(default_queue=other))
     assert first.add.delay(1, 2).get(timeout=10) == 3
     assert second.add.delay(3, 4).get(timeout=10) == 7
+
+
+@pytest.mark.parametrize("first_type", ["classic", "quorum"])
+def test_a_slot_on_several_queues_holds_one_message_and_serves_every_queue(
+        first_type: str, make_app: Callable[..., object], broker: Broker, queue: str,
+        tmp_path: Path, start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given one slot consuming three queues (the first a quorum queue, which refuses global
+    QoS), all with work waiting, while a long task runs the broker shows one unacked message
+    in all three queues together; afterwards every task on every queue completes."""
+    from .apps import basic
+
+    names = [queue, f"{queue}-b", f"{queue}-c"]
+    with broker.channel() as ch:
+        ch.queue_declare(names[0], durable=True, auto_delete=False,
+                         arguments={"x-queue-type": first_type})
+    apps = [basic.build(make_app(default_queue=name)) for name in names]
+    pid_file, release = tmp_path / "pid", tmp_path / "release"
+    blocker = apps[1].pid_then_block.delay(str(pid_file), str(release))
+    queued = [apps[i % 3].add.delay(i, 1) for i in range(12)]
+    start_worker(queues=names, concurrency=1, ready=False)
+    wait_for(pid_file.exists, 20, "the blocking task to start")
+    held = [broker.queue_info(name) for name in names]
+    assert sum(int(info["messages_unacknowledged"]) for info in held) == 1, held
+    release.touch()
+    assert blocker.get(timeout=15) == "released"
+    assert [r.get(timeout=20) for r in queued] == [i + 1 for i in range(12)]
+    for name in names:
+        info = broker.queue_info(name)
+        assert (info["messages_ready"], info["messages_unacknowledged"]) == ("0", "0")

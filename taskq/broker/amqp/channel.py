@@ -190,15 +190,24 @@ class ConfirmChannel:
         """Handle whatever frames (confirms, returns) already arrived, without waiting."""
         read_waiting(self.connection, self._input.waiting)
 
-    def wait_until(self, last_seq: int, deadline: float) -> None:
+    def wait_until(
+        self, last_seq: int, deadline: float, give_up: Callable[[], bool] | None = None
+    ) -> bool:
         """Process frames until every sequence number up to ``last_seq`` is settled.
 
         Raises ``TimeoutError`` (recoverable: the caller drops this connection) at ``deadline``.
+        Returns False, unsettled, as soon as ``give_up()`` says so (e.g. the broker blocks).
         """
         outstanding = self.outstanding
         while outstanding and next(iter(outstanding)) <= last_seq:
+            if give_up is not None and give_up():
+                return False
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not self._input.buffered():
                 raise TimeoutError("timed out waiting for the broker's publish confirm")
-            if self._input.wait(remaining):
+            if self._input.wait(min(remaining, 0.25) if give_up else remaining):
                 read_waiting(self.connection, self._input.waiting)
+        return True
+
+    def settled(self, seq: int) -> bool:
+        return seq not in self.outstanding

@@ -90,6 +90,7 @@ class SlotConnection(SlotLink):
         #: message that crossed the cancel still reaches us (and goes back to its queue).
         self._cancelled: list[str] = []
         self._holding: Any = None
+        self._confirm_cancels = False
         self._paused = True
         self._turn = 0
         #: Lost-run counts found for messages held now: delivery tag -> count's queue name.
@@ -118,17 +119,32 @@ class SlotConnection(SlotLink):
         deadline = time.monotonic() + self.config.connect_timeout
         with bound(self.connection).until(deadline):
             for queue in self.queues:
+                if self._holding is not None:
+                    break  # a message came in while we waited for a consume-ok
                 tag: str = self.channel.basic_consume(
                     queue, no_ack=False, callback=self._on_message, on_cancel=self._on_cancel
                 )
                 self._queue_of[tag] = queue
-        self._forget_cancelled()
+        if self._holding is not None and self._queue_of:
+            self._cancel_others_nowait()  # the consumers made after it came in
+        else:
+            self._forget_cancelled()
 
     def _cancel_others_nowait(self) -> None:
         for tag in list(self._queue_of):
             self.channel.basic_cancel(tag, nowait=True)
             self._cancelled.append(tag)
         self._queue_of.clear()
+        self._confirm_cancels = True
+
+    def _settle_cancels(self) -> None:
+        """Make sure no message that crossed the cancels waits unread while the task runs:
+        one round trip after them, and all of them have arrived (and gone back)."""
+        self._confirm_cancels = False
+        deadline = time.monotonic() + self.config.connect_timeout
+        with bound(self.connection).until(deadline):
+            self.channel.basic_qos(0, 1, False)
+        self._forget_cancelled()
 
     def _forget_cancelled(self) -> None:
         """After a round trip on the channel, nothing more comes for cancelled consumers."""
@@ -180,6 +196,8 @@ class SlotConnection(SlotLink):
         reconnecting declares the queue again.
         """
         read_waiting(self.connection, self.input.waiting)
+        if self._confirm_cancels:
+            self._settle_cancels()
         if self.cancelled_by_broker:
             raise ConnectionError(
                 f"the broker cancelled the consumer of {', '.join(self.cancelled_by_broker)} "

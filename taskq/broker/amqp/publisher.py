@@ -83,6 +83,8 @@ class SlotPublisher:
         self._known = known_queues
         self.spool = spool
         self.blocked: str | None = None
+        #: Spool entries already sent on this connection (index -> confirm sequence number).
+        self._in_flight: dict[int, int] = {}
         self.connection = connector.connect_once(
             timeout=max(0.05, deadline - time.monotonic()),
             name=name,
@@ -116,7 +118,11 @@ class SlotPublisher:
         return self.spool is not None and len(self.spool) > 0
 
     def _spooling(self) -> bool:
-        return self.spool is not None and (self.blocked is not None or self.owes)
+        if self.spool is None:
+            return False
+        if self.blocked is None and self.input.waiting():
+            read_waiting(self.connection, self.input.waiting)  # a connection.blocked, maybe
+        return self.blocked is not None or self.owes
 
     # -- results ---------------------------------------------------------------------------
 
@@ -159,7 +165,19 @@ class SlotPublisher:
             if envelope.queue not in self._known and envelope.queue not in self.declared:
                 topology.declare_work_queue(self.connection, envelope.queue)
                 self.declared.add(envelope.queue)
-            reason = self.confirms.publish_and_wait(envelope, self.declared, deadline)
+            seq = self.confirms.send_routed(envelope, self.declared)
+            stored = self.confirms.wait_until(
+                seq, deadline, give_up=lambda: self.blocked is not None and self.spool is not None
+            )
+        if not stored:
+            # The broker blocked us with it in its socket buffer: it will take it when the
+            # alarm clears. Keep it in the spool meanwhile (so it is not lost if we die), and
+            # when the alarm clears wait for its confirm instead of sending it again.
+            assert self.spool is not None
+            self._in_flight[len(self.spool)] = seq
+            self.spool.append(Owed("store", envelope))
+            return
+        reason = self.confirms.refusal(seq, envelope.correlation_id)
         if reason:
             raise amqp_errors.RecoverableChannelError(
                 f"the broker did not take the message for {envelope.queue}: {reason}"
@@ -194,7 +212,11 @@ class SlotPublisher:
         owed = list(self.spool)
         deadline = time.monotonic() + self.config.publish_timeout
         with bound(self.connection).until(deadline):
-            publish_owed(self.confirms, owed, self.declared, deadline)
+            if self._in_flight:  # sent before the block: the broker takes them first
+                self.confirms.wait_until(max(self._in_flight.values()), deadline)
+            rest = [item for i, item in enumerate(owed) if i not in self._in_flight]
+            publish_owed(self.confirms, rest, self.declared, deadline)
+        self._in_flight.clear()
         self.spool.clear()
         if owed:
             log.warning("published %d message(s) kept while the broker blocked", len(owed))

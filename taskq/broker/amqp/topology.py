@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from amqp import exceptions as amqp_errors
@@ -49,35 +50,53 @@ def conflict_message(queue: str, reply_text: str) -> str:
     )
 
 
+#: "inequivalent arg 'x-queue-type' for queue 'q' in vhost 'v': received none but current is
+#: the value 'quorum' of type 'longstr'"
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)'.*but current is (?:none|the value '(?P<current>[^']*)')"
+)
+
+
 def declare_work_queue(connection: Any, queue: str) -> str | None:
     """Declare ``queue`` (on a channel of its own: a refusal closes the channel it came on).
 
-    Returns a warning if the queue exists without taskq's dead-letter arguments (it is used as
-    it is); raises DeclarationConflict if it exists with other arguments that matter.
+    A queue that exists as another type (a quorum queue made by the operator) is declared as
+    that type. One that exists without taskq's dead-letter arguments is used without them:
+    returns a warning saying so. Any other difference is a DeclarationConflict.
     """
-    channel = connection.channel()
-    try:
-        try:
-            _declare(channel, queue, arguments=work_queue_arguments(queue))
-            return None
-        except DeclarationConflict as exc:
-            if "'x-dead-letter-" not in str(exc):
-                raise
-        # Declared without them, then: any other argument that differs still is a conflict.
+    arguments = work_queue_arguments(queue)
+    warning = None
+    for _ in range(3):
         channel = connection.channel()
-        _declare(channel, queue)
-        return (
-            f"queue {queue!r} was declared without a dead-letter route (by taskq 0.1 or a Celery "
-            "peer): a message whose per-message expiration passes in it is dropped by the "
-            "broker, not kept in "
-            f"{dead_letter_queue_name(queue)}. To keep those too: rabbitmqctl set_policy "
-            f"taskq-dlq-{queue} '^{queue}$' "
-            f"'{{\"dead-letter-exchange\":\"\",\"dead-letter-routing-key\":\""
-            f"{dead_letter_queue_name(queue)}\"}}' --apply-to queues"
-        )
-    finally:
-        if channel.is_open:
-            channel.close()
+        try:
+            _declare(channel, queue, arguments=arguments)
+            return warning
+        except DeclarationConflict as exc:
+            found = _INEQUIVALENT.search(str(exc))
+            arg = found.group("arg") if found else ""
+            if arg == "x-queue-type" and found and found.group("current"):
+                arguments = {**arguments, "x-queue-type": found.group("current")}
+            elif arg.startswith("x-dead-letter-") and "x-dead-letter-exchange" in arguments:
+                arguments = {k: v for k, v in arguments.items() if not k.startswith("x-dead")}
+                warning = _no_route_warning(queue)
+            else:
+                raise
+        finally:
+            if channel.is_open:
+                channel.close()
+    raise DeclarationConflict(f"queue {queue!r}: could not agree on its arguments with the broker")
+
+
+def _no_route_warning(queue: str) -> str:
+    dlq = dead_letter_queue_name(queue)
+    return (
+        f"queue {queue!r} was declared without a dead-letter route (by taskq 0.1, a Celery "
+        f"peer or by hand): a message whose per-message expiration passes in it is dropped "
+        f"by the broker, not kept in {dlq}. To keep those too: rabbitmqctl set_policy "
+        f"taskq-dlq-{queue} '^{queue}$' "
+        f'\'{{"dead-letter-exchange":"","dead-letter-routing-key":"{dlq}"}}\' '
+        "--apply-to queues"
+    )
 
 
 def declare_dead_letter_queue(channel: Any, queue: str) -> str:

@@ -30,8 +30,9 @@ from ...message import Delivery, Envelope
 from .channel import ConfirmChannel
 
 PREFIX = "taskq.lost."
-#: A lost-run count unused this long is deleted by the broker (seconds).
-EXPIRES = 7 * 24 * 3600.0
+#: A lost-run count unused this long is deleted by the broker (seconds). A poison message
+#: comes back at once (it keeps its place at the head of its queue), so a day is plenty.
+EXPIRES = 24 * 3600.0
 
 
 def key(delivery: Delivery) -> str | None:

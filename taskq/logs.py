@@ -21,4 +21,5 @@ def setup_logging(level: int | str) -> None:
     # py-amqp logs every frame at DEBUG, and frames that cross a channel's close at WARNING
     # (harmless: taskq closes channels with messages in flight on purpose). Keep both out
     # unless asked for.
-    logging.getLogger("amqp").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
+    verbose = int(level) <= logging.DEBUG
+    logging.getLogger("amqp").setLevel(logging.DEBUG if verbose else logging.ERROR)

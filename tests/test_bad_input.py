@@ -20,7 +20,7 @@ import pytest
 import taskq
 from taskq import AsyncResult
 
-from .support import Broker, WorkerProcess
+from .support import Broker, WorkerProcess, run_taskq, wait_for
 
 FAST = 10  # seconds: "at once", compared with the caller's own timeout
 
@@ -137,3 +137,26 @@ def test_bad_input_without_reply_to_is_still_kept(tasks: SimpleNamespace, broker
                        application_headers={"task": "tests.apps.basic.add", "id": task_id})
     _still_serving(tasks, worker)  # processed in order: the bad one came first
     assert _dead_letter(broker, queue, task_id)["x-taskq-dead-exception"] == "MessageDecodeError"
+
+
+def test_a_message_the_broker_expires_in_its_queue_is_kept_with_the_reason(
+        tasks: SimpleNamespace, broker: Broker, queue: str) -> None:
+    """Given a task message with a per-message expiration (a Celery client's ``expires``)
+    that passes while it waits in its queue with no worker, the broker moves it to the
+    dead-letter queue instead of dropping it, and ``taskq dlq`` says why."""
+    tasks.add.apply_async((0, 0), ignore_result=True)  # the queue, as taskq declares it
+    assert len(broker.get_all(queue)) == 1  # (the broker expires messages at the head only)
+    task_id = str(uuid.uuid4())
+    broker.publish_raw(queue, json.dumps([[1, 2], {}, {}]).encode(),
+                       content_type="application/json", correlation_id=task_id,
+                       expiration="50", delivery_mode=2,
+                       application_headers={"task": "tests.apps.basic.add", "id": task_id})
+    wait_for(lambda: broker.exists(f"{queue}.dlq") and broker.counts(f"{queue}.dlq")[0] == 1,
+             10, "the expired message in the dead-letter queue")
+    assert broker.counts(queue)[0] == 0
+    result = run_taskq("dlq", "show", task_id, "-Q", queue, env={"TASKQ_BROKER_URL": broker.url})
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert fields["exception"].strip() == "expired"
+    assert "per-message expiration passed" in fields["reason"]
+    assert fields["dead at"].strip().startswith("20")

@@ -17,7 +17,7 @@ from ..errors import (
     TaskExpired,
     WorkerLostError,
 )
-from ..message import Delivery, parse_time
+from ..message import Delivery, bounded_repr, parse_time
 from ..serialization import CONTENT_TYPES, SERIALIZER_FOR
 from ..task import Task
 from .execute import Job
@@ -87,7 +87,7 @@ def triage(
     if task is None:
         return Refuse(
             NotRegistered(
-                f"no task named {name!r} is registered with this worker (it serves "
+                f"no task named {bounded_repr(name)} is registered with this worker (it serves "
                 f"{task_list(app)})"
             )
         )

@@ -262,8 +262,10 @@ class SlotConnection(SlotLink):
     def dead_letter(
         self, delivery: Delivery, exc_type: str, reason: str, worker: str, reply: Reply | None
     ) -> str:
-        envelope = letters.dead_letter(delivery, exc_type, reason, worker)
         assert self.publisher is not None
+        envelope = letters.dead_letter(
+            delivery, exc_type, reason, worker, self.publisher.max_properties
+        )
         self.publisher.store(envelope)
         if reply is not None:
             self.reply(delivery, reply)

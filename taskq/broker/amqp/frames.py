@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import select
 from collections.abc import Callable
+from datetime import datetime, timezone
 from struct import Struct
 from typing import Any
 
@@ -48,14 +49,43 @@ _ACK_ARGS = Struct(">QB").pack
 _BASIC = spec.Basic.CLASS_ID
 
 # -- reading ---------------------------------------------------------------------------------
+#
+# Whatever bytes a publisher sent, decoding never raises out of here: a slot that fails on a
+# message drops its connection, gets the same message again, and loops forever. Short strings
+# that are not UTF-8 come out as bytes (as py-amqp does for long strings), header keys that are
+# not UTF-8 as their escaped text, timestamps no datetime can hold as numbers; a header table
+# nested deeper than MAX_DEPTH, or one py-amqp can't read, is skipped by its length and the
+# reason kept (UNDECODABLE), so the slot can dead-letter the message with it.
+
+#: How deep header tables and arrays may nest (RabbitMQ's own x-death is 3 deep).
+MAX_DEPTH = 100
+#: Set in a message's properties when its header table could not be read: why.
+UNDECODABLE = "x-taskq-undecodable-headers"
 
 
-def _text(buf: Any, start: int, end: int) -> str:
+class HostileInput(ValueError):
+    """A header table taskq will not read (nested too deep, malformed)."""
+
+
+def _text(buf: Any, start: int, end: int) -> str | bytes:
     raw = bytes(buf[start:end])
-    return raw.decode("utf-8", "surrogatepass")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
-def _item(buf: Any, offset: int) -> tuple[Any, int]:
+def _timestamp(buf: Any, offset: int) -> tuple[Any, int]:
+    """A 'T' table value: a naive UTC datetime as py-amqp gives it, or the number itself when
+    no datetime can hold it."""
+    value = _U64(buf, offset)[0]
+    try:
+        return datetime.fromtimestamp(value, timezone.utc).replace(tzinfo=None), offset + 8
+    except (OverflowError, OSError, ValueError):
+        return value, offset + 8
+
+
+def _item(buf: Any, offset: int, depth: int) -> tuple[Any, int]:
     """One typed table value: the common types here, the rest by py-amqp's rules."""
     kind = buf[offset]
     if kind == 0x53:  # 'S' long string (bytes if not UTF-8, as py-amqp does)
@@ -63,7 +93,7 @@ def _item(buf: Any, offset: int) -> tuple[Any, int]:
         start = offset + 5
         raw = bytes(buf[start : start + size])
         try:
-            return raw.decode("utf-8", "surrogatepass"), start + size
+            return raw.decode("utf-8"), start + size
         except UnicodeDecodeError:
             return raw, start + size
     if kind == 0x56:  # 'V' void
@@ -74,22 +104,28 @@ def _item(buf: Any, offset: int) -> tuple[Any, int]:
         return _I32(buf, offset + 1)[0], offset + 5
     if kind == 0x64:  # 'd' double
         return _F64(buf, offset + 1)[0], offset + 9
+    if kind == 0x54:  # 'T' timestamp
+        return _timestamp(buf, offset + 1)
     if kind == 0x46:  # 'F' table
-        return _table(buf, offset + 1)
+        return _table(buf, offset + 1, depth + 1)
     if kind == 0x41:  # 'A' array
+        if depth >= MAX_DEPTH:
+            raise HostileInput(f"header tables nested deeper than {MAX_DEPTH}")
         size = _U32(buf, offset + 1)[0]
         offset += 5
         limit = offset + size
         values = []
         while offset < limit:
-            value, offset = _item(buf, offset)
+            value, offset = _item(buf, offset, depth + 1)
             values.append(value)
         return values, offset
     value, offset = _amqp_read_item(buf, offset)
     return value, offset
 
 
-def _table(buf: Any, offset: int) -> tuple[dict[Any, Any], int]:
+def _table(buf: Any, offset: int, depth: int = 0) -> tuple[dict[Any, Any], int]:
+    if depth >= MAX_DEPTH:
+        raise HostileInput(f"header tables nested deeper than {MAX_DEPTH}")
     size = _U32(buf, offset)[0]
     offset += 4
     limit = offset + size
@@ -98,12 +134,23 @@ def _table(buf: Any, offset: int) -> tuple[dict[Any, Any], int]:
         key_size = buf[offset]
         raw = bytes(buf[offset + 1 : offset + 1 + key_size])
         offset += 1 + key_size
-        try:
-            key: Any = raw.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            key = raw
-        table[key], offset = _item(buf, offset)
+        key = raw.decode("utf-8", "backslashreplace")
+        table[key], offset = _item(buf, offset, depth)
+    if offset != limit:
+        raise HostileInput("a header table's length does not match its contents")
     return table, offset
+
+
+def _headers(buf: Any, offset: int, properties: dict[str, Any]) -> int:
+    """Decode the header table at ``offset`` into ``properties``; if it can't be read, skip
+    it by its length, with the reason under UNDECODABLE. Returns the offset after it."""
+    end: int = offset + 4 + int(_U32(buf, offset)[0])
+    try:
+        properties["application_headers"], offset = _table(buf, offset)
+    except Exception as exc:  # anything a hostile table makes a decoder raise
+        properties["application_headers"] = {}
+        properties[UNDECODABLE] = f"{type(exc).__name__}: {exc}"[:500]
+    return end
 
 
 #: Basic-class properties in wire order: (flag, name, kind).
@@ -126,7 +173,8 @@ _PROPERTIES = (
 
 
 def decode_properties(buf: Any, offset: int) -> tuple[dict[str, Any], int]:
-    """The basic class's property flags and list, as py-amqp's decoder returns them."""
+    """The basic class's property flags and list, as py-amqp's decoder returns them (but
+    never raising: see above)."""
     flags = _U16(buf, offset)[0]
     offset += 2
     properties: dict[str, Any] = {}
@@ -138,11 +186,11 @@ def decode_properties(buf: Any, offset: int) -> tuple[dict[str, Any], int]:
             properties[name] = _text(buf, offset + 1, offset + 1 + size)
             offset += 1 + size
         elif kind == "F":
-            properties[name], offset = _table(buf, offset)
+            offset = _headers(buf, offset, properties)
         elif kind == "o":
             properties[name] = buf[offset]
             offset += 1
-        else:
+        else:  # the timestamp property: a number, as py-amqp decodes it
             properties[name] = _U64(buf, offset)[0]
             offset += 8
     return properties, offset
@@ -232,16 +280,26 @@ class Input:
         return bool(self._poller.poll(max(0, math.ceil(timeout * 1000))))
 
 
+def _usable(value: Any) -> str | None:
+    """A property taskq can act on: a non-empty string (bytes that are not UTF-8 are kept in
+    ``properties`` for the dead letter, but nothing is sent to or matched by them)."""
+    return value if isinstance(value, str) and value else None
+
+
 def delivery(message: Any, queue: str) -> Delivery:
     """A message py-amqp received (``basic.deliver`` or ``basic.get-ok``) as a Delivery."""
     info = message.delivery_info
     props = message.properties
+    content_type = props.get("content_type")
     return Delivery(
         body=message.body,
-        content_type=props.get("content_type"),
+        content_type=(
+            content_type if content_type is None or isinstance(content_type, str)
+            else repr(content_type)
+        ),
         headers=props.get("application_headers") or {},
-        correlation_id=props.get("correlation_id"),
-        reply_to=props.get("reply_to"),
+        correlation_id=_usable(props.get("correlation_id")),
+        reply_to=_usable(props.get("reply_to")),
         redelivered=bool(info.get("redelivered")),
         queue=queue,
         exchange=info.get("exchange", ""),

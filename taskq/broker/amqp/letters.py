@@ -12,6 +12,9 @@ from typing import Any
 from ...copies import protocol_headers
 from ...message import DELIVERY_COUNT_HEADER, Delivery, Envelope
 from ..base import DeadLetter
+from .channel import message_properties
+from .frames import UNDECODABLE
+from .properties import encode_properties
 from .topology import dead_letter_queue_name
 
 DEAD_REASON = "x-taskq-dead-reason"
@@ -42,19 +45,86 @@ def _copy(delivery: Delivery, queue: str, headers: dict[str, Any]) -> Envelope:
     )
 
 
-def dead_letter(delivery: Delivery, exc_type: str, reason: str, worker: str) -> Envelope:
-    """The message as it came, plus why it could not be processed, for ``<queue>.dlq``."""
-    headers = protocol_headers(delivery.headers)
-    headers.update(
-        {
-            DEAD_REASON: reason,
-            DEAD_EXCEPTION: exc_type,
-            DEAD_AT: datetime.now(timezone.utc).isoformat(),
-            DEAD_QUEUE: delivery.queue,
-            DEAD_WORKER: worker,
-        }
-    )
-    return _copy(delivery, dead_letter_queue_name(delivery.queue), headers)
+#: Longest reason kept with a dead letter, in characters.
+MAX_REASON = 2000
+#: Header values longer than this are clipped when a dead letter would not fit in a frame.
+CLIPPED_VALUE = 1024
+DROPPED = "x-taskq-dropped-headers"
+
+
+def dead_letter(
+    delivery: Delivery, exc_type: str, reason: str, worker: str, max_properties: int = 131_000
+) -> Envelope:
+    """The message as it came, plus why it could not be processed, for ``<queue>.dlq``.
+
+    Keeps the body byte for byte and every property as it came (bytes that are not UTF-8
+    included); the headers too, unless with the reason they would not fit in one frame
+    (``max_properties`` bytes): then long values are clipped, and if that is not enough only
+    the reason and the task's id and name are kept, with the names of the rest.
+    """
+    props = delivery.properties
+    raw_reason = reason if len(reason) <= MAX_REASON else reason[:MAX_REASON] + " [...]"
+    if props.get(UNDECODABLE):
+        raw_reason += f" (its headers could not be read: {props[UNDECODABLE]})"
+    dead = {
+        DEAD_REASON: raw_reason,
+        DEAD_EXCEPTION: exc_type[:200],
+        DEAD_AT: datetime.now(timezone.utc).isoformat(),
+        DEAD_QUEUE: delivery.queue,
+        DEAD_WORKER: worker,
+    }
+    kept = protocol_headers(delivery.headers)
+    envelope = _raw_copy(delivery, dead_letter_queue_name(delivery.queue), {**kept, **dead})
+    if _fits(envelope, max_properties):
+        return envelope
+    envelope.headers = {**{k: _clip(v) for k, v in kept.items()}, **dead}
+    if _fits(envelope, max_properties):
+        return envelope
+    essentials: dict[str, Any] = {k: _clip(kept[k]) for k in ("id", "task") if k in kept}
+    dropped = [k for k in kept if k not in essentials]
+    envelope.headers = {**essentials, **dead, DROPPED: _clip(", ".join(dropped))}
+    if not _fits(envelope, max_properties):  # even the properties alone are too big
+        envelope.headers = dead
+    return envelope
+
+
+def _raw_copy(delivery: Delivery, queue: str, headers: dict[str, Any]) -> Envelope:
+    """A copy with the properties as they came: bytes where they were not UTF-8."""
+    props = delivery.properties
+    envelope = _copy(delivery, queue, headers)
+    raw: Any = props
+    envelope.content_type = raw.get("content_type", envelope.content_type)
+    envelope.content_encoding = raw.get("content_encoding", envelope.content_encoding)
+    envelope.correlation_id = raw.get("correlation_id", envelope.correlation_id)
+    envelope.reply_to = raw.get("reply_to", envelope.reply_to)
+    return envelope
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > CLIPPED_VALUE:
+        return value[:CLIPPED_VALUE] + " [...]"
+    if isinstance(value, bytes) and len(value) > CLIPPED_VALUE:
+        return value[:CLIPPED_VALUE] + b" [...]"
+    if isinstance(value, (dict, list, tuple)):
+        text = repr(value)
+        return text if len(text) <= CLIPPED_VALUE else text[:CLIPPED_VALUE] + " [...]"
+    return value
+
+
+def _fits(envelope: Envelope, max_properties: int) -> bool:
+    try:
+        encoded = encode_properties(
+            message_properties(
+                envelope.content_type,
+                envelope.headers,
+                envelope.correlation_id,
+                envelope.reply_to,
+                content_encoding=envelope.content_encoding,
+            )
+        )
+    except Exception:  # a value the encoder can't carry: clipping turns it into text
+        return False
+    return len(encoded) <= max_properties
 
 
 def counted_copy(delivery: Delivery, count: int) -> Envelope:
@@ -67,12 +137,24 @@ def counted_copy(delivery: Delivery, count: int) -> Envelope:
 def read_dead_letter(delivery: Delivery, queue: str) -> DeadLetter:
     """A message read from ``<queue>.dlq`` as taskq's view of a dead letter."""
     h = delivery.headers
+    exception, reason = str(h.get(DEAD_EXCEPTION, "?")), h.get(DEAD_REASON)
+    dead_at = str(h.get(DEAD_AT, "?"))
+    if reason is None and h.get("x-first-death-reason"):  # the broker's own dead-lettering
+        why = str(h["x-first-death-reason"])
+        exception = why
+        deaths = h.get("x-death")
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+            when = deaths[0].get("time")
+            dead_at = when.isoformat() if isinstance(when, datetime) else dead_at
+        reason = f"the broker dead-lettered it from {h.get('x-first-death-queue', queue)} ({why})"
+        if why == "expired":
+            reason += ": its per-message expiration passed before a worker took it"
     return DeadLetter(
         id=delivery.task_id or "?",
         task=delivery.task_name or "?",
-        exception=str(h.get(DEAD_EXCEPTION, "?")),
-        reason=str(h.get(DEAD_REASON, "(no reason recorded)")),
-        dead_at=str(h.get(DEAD_AT, "?")),
+        exception=exception,
+        reason=str(reason or "(no reason recorded)"),
+        dead_at=dead_at,
         original_queue=str(h.get(DEAD_QUEUE) or queue),
         worker=str(h.get(DEAD_WORKER, "?")),
         body=delivery.body,

@@ -101,6 +101,9 @@ class SlotPublisher:
             raise
         bound(self.connection).relax()
         self.input = Input(self.connection)
+        #: The most a message's encoded properties may take: its header frame must fit in
+        #: one frame (frame_max, less the frame's 8 bytes and the header's own 12).
+        self.max_properties = int(self.connection.frame_max) - 8 - 12 - 64
 
     def _on_blocked(self, reason: str) -> None:
         self.blocked = reason or "resource alarm"

@@ -69,6 +69,9 @@ def declare_work_queue(connection: Any, queue: str) -> str | None:
     for _ in range(3):
         channel = connection.channel()
         try:
+            if "x-dead-letter-routing-key" in arguments:
+                # Where the route leads must exist before anything expires into it.
+                _declare(channel, dead_letter_queue_name(queue))
             _declare(channel, queue, arguments=arguments)
             return warning
         except DeclarationConflict as exc:

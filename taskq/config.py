@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
@@ -81,6 +81,9 @@ class Config:
             raise ConfigurationError("max_message_size must be at least 1024 bytes")
         if not self.default_queue:
             raise ConfigurationError("default_queue must be a non-empty queue name")
+        check_url(self.broker_url)
+        if not isinstance(self.broker_url, BrokerURL):
+            object.__setattr__(self, "broker_url", BrokerURL(self.broker_url))
 
     @classmethod
     def from_settings(cls, broker_url: str | None = None, **settings: Any) -> Config:
@@ -103,24 +106,59 @@ class Config:
         return mask_url(self.broker_url)
 
 
+class BrokerURL(str):
+    """A broker URL whose ``repr`` masks the password: the string itself is the real URL, but
+    whatever shows locals or objects (tracebacks with locals, error trackers, debuggers,
+    ``repr(config)``) sees ``user:****@host``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_url(str(self)))
+
+
 def mask_url(url: str) -> str:
     """Replace the password in each of ``;``-separated broker URLs with ``****``."""
     return ";".join(_mask_one(part) for part in url.split(";"))
 
 
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """(scheme://, user[:password], rest) read by hand: the last '@' ends the userinfo, so a
+    password with an unencoded '#', '/' or '?' can't hide there (``urlsplit`` would take it
+    for a fragment, path or query and find no password to mask)."""
+    scheme, sep, remainder = url.partition("://")
+    if not sep or "@" not in remainder:
+        return None
+    userinfo, _, rest = remainder.rpartition("@")
+    return scheme + sep, userinfo, rest
+
+
 def _mask_one(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable broker URL>"
-    if parts.password is None:
+    parts = _split_userinfo(url)
+    if parts is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}{port}"))
+    start, userinfo, rest = parts
+    user, colon, _ = userinfo.partition(":")
+    return f"{start}{user}:****@{rest}" if colon else url
+
+
+def check_url(url: str) -> None:
+    """Raise ConfigurationError, in one line with the password masked, for a broker URL that
+    would not be read as the user meant."""
+    for part in url.split(";"):
+        part = part.strip()
+        parts = _split_userinfo(part)
+        if parts is not None and any(c in parts[1] for c in "#/?@"):
+            raise ConfigurationError(
+                f"broker URL {mask_url(part)} has a user or password with characters that end "
+                "it early ('#', '/', '?' or '@'): percent-encode them (# as %23, / as %2F, "
+                "? as %3F, @ as %40)"
+            )
+        try:
+            urlsplit(part).port  # noqa: B018 - reading it is what checks it
+        except ValueError:
+            host = (parts[2] if parts else part.partition("://")[2]).split("/", 1)[0]
+            raise ConfigurationError(
+                f"broker URL {mask_url(part)} has a port that is not a number "
+                f"({host.rpartition(':')[2]!r}): write host:port, e.g. localhost:5672"
+            ) from None

@@ -125,3 +125,43 @@ def test_tls_settings_that_point_nowhere_are_a_clear_error(tls: TlsBroker) -> No
     app = tls_app(tls, ssl_ca_file="/no/such/ca.pem")
     with pytest.raises(taskq.ConfigurationError, match="TLS file '/no/such/ca.pem' does not"):
         basic.build(app).add.apply_async((1, 1), ignore_result=True)
+
+
+@pytest.mark.parametrize("url", [
+    f"amqp://guest:ab#{SECRET}@127.0.0.1:1/",
+    f"amqp://guest:{SECRET}/x@127.0.0.1:1/",
+    f"amqp://guest:{SECRET}?x@127.0.0.1:1//",
+])
+def test_a_password_with_unencoded_characters_is_masked_and_the_fix_named(url: str) -> None:
+    """A password with an unencoded '#', '/' or '?' (a user's mistake) makes the URL parse
+    wrongly; it is refused with one line that masks it and says to percent-encode it."""
+    with pytest.raises(taskq.ConfigurationError) as caught:
+        App(url)
+    message = str(caught.value)
+    assert SECRET not in message and "percent-encode" in message and "\n" not in message
+
+
+def test_config_and_app_never_show_the_password() -> None:
+    app = App(f"amqp://guest:{SECRET}@127.0.0.1:1/")
+    for text in (repr(app.config), str(app.config), repr(app), str(vars(app.config))):
+        assert SECRET not in text, text
+
+
+def test_an_unparseable_port_is_one_line_naming_it(queue: str) -> None:
+    result = run_taskq("worker", "-A", "tests.apps.basic:app", "-Q", queue,
+                       env={"TASKQ_BROKER_URL": f"amqp://guest:{SECRET}@localhost:56x72//"},
+                       timeout=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and SECRET not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "port" in error and "56x72" in error
+
+
+def test_dlq_list_with_the_broker_away_is_one_line(queue: str) -> None:
+    result = run_taskq("dlq", "list", queue,
+                       env={"TASKQ_BROKER_URL": f"amqp://guest:{SECRET}@127.0.0.1:1/"},
+                       timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and SECRET not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "127.0.0.1:1" in result.stderr

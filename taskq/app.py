@@ -49,6 +49,7 @@ class App:
         self._producer: Producer | None = None
         self._replies: ReplyConsumer | None = None
         self._local = threading.local()  # the batch being collected, per thread
+        _all_apps.add(self)
 
     def __repr__(self) -> str:
         return f"<taskq.App {self.config.display_url} tasks={len(self.tasks)}>"
@@ -259,6 +260,15 @@ class App:
             for envelope in envelopes:
                 self._replies.forget(envelope.task_id)
 
+    def _after_fork_in_child(self) -> None:
+        """Right after ``os.fork()``, in the child: fresh locks and links. Any lock another
+        parent thread held at the fork stays held forever in the child; taking it would hang."""
+        self._lock = threading.RLock()
+        if self._producer is not None:
+            self._producer._after_fork()
+        if self._replies is not None:
+            self._replies.after_fork()
+
     def close(self) -> None:
         """Close connections and delete this process's reply queue. Safe to call twice."""
         if self._replies is not None:
@@ -283,6 +293,18 @@ def _source(fn: Callable[..., Any]) -> tuple[str, int]:
 
 
 _open_apps: weakref.WeakSet[App] = weakref.WeakSet()
+#: Every App of this process, to give each fresh state in a forked child.
+_all_apps: weakref.WeakSet[App] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for app in list(_all_apps):
+        app._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _close_at_exit(app: App) -> None:

@@ -72,11 +72,13 @@ class Producer:
         conn.close()
 
     def _after_fork(self) -> None:
-        with self._lock:
-            for conn, _ in self._idle:
-                conn.abandon()
-            self._idle = []
-            self._pid = os.getpid()
+        """In a forked child: a fresh lock (a parent thread may have held this one at the
+        fork, and it is not here to release it), the parent's connections left alone."""
+        self._lock = threading.Lock()
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.abandon()
+        self._pid = os.getpid()
         self.broker.after_fork()
 
     def close(self) -> None:

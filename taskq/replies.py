@@ -452,8 +452,15 @@ class ReplyConsumer:
             conn.delete_replies(self.queue)
         conn.close()
 
+    def after_fork(self) -> None:
+        """In a forked child: new locks and state (see App); nothing of the parent's used."""
+        if self._pid != os.getpid():
+            self._after_fork()
+
     def _after_fork(self) -> None:
-        # The parent's connection and thread are not ours: drop them untouched.
+        # The parent's connection and thread are not ours: drop them untouched. _reset()
+        # makes new locks rather than taking the inherited ones, which a parent thread may
+        # have held at the fork.
         if self._primary is not None:
             self._primary.abandon()
         self._reset()

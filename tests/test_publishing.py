@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ import taskq
 from taskq import App
 
 from .apps import basic
-from .support import Broker, WorkerProcess
+from .support import Broker, WorkerProcess, wait_for
 
 
 def test_a_task_message_is_durable_persistent_and_speaks_protocol_v2(
@@ -110,6 +112,95 @@ def test_sending_and_waiting_work_in_a_forked_child(
     assert os.waitstatus_to_exitcode(status) == 0
     assert before_fork.get(timeout=10) == 20
     assert tasks.add.delay(2, 2).get(timeout=10) == 4
+
+
+def test_forking_while_another_thread_sends_never_hangs_the_child(
+        tasks: SimpleNamespace, start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given four threads sending tasks in a loop (taking the producer's pool lock and the
+    result listener's locks all the time), when the main thread forks 40 times, every child
+    can send and get a result within its bound: none inherits a lock a parent thread held."""
+    start_worker()
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def send_in_a_loop() -> None:
+        while not stop.is_set():
+            sent.append(tasks.add.delay(1, 1).get(timeout=20))
+
+    senders = [threading.Thread(target=send_in_a_loop, daemon=True) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        wait_for(lambda: len(sent) >= 12, 20, "the sending threads to get going")
+        for attempt in range(40):
+            pid = os.fork()
+            if pid == 0:  # the child: a hang here is the defect; the parent's bound ends it
+                code = 1
+                try:
+                    tasks.add.apply_async((0, 0), ignore_result=True)
+                    if tasks.add.delay(attempt, 1).get(timeout=15) == attempt + 1:
+                        code = 0
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 30
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise AssertionError(f"child {attempt} hung after fork")
+                time.sleep(0.01)
+            assert os.waitstatus_to_exitcode(done[1]) == 0, f"child {attempt} failed"
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(30)
+    assert set(sent) == {2}
+
+
+def test_a_child_forked_while_a_parent_thread_holds_taskqs_locks_still_sends(
+        tasks: SimpleNamespace, start_worker: Callable[..., WorkerProcess]) -> None:
+    """The race above, made certain: a parent thread holds the producer's pool lock, the
+    app's lock and the result listener's locks across the fork. The child (which inherits
+    them held, by a thread it does not have) still sends and gets its result."""
+    start_worker()
+    app = tasks.app
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2
+    locks = [app._lock, app.producer._lock, app.replies._registry, app.replies._cond]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        for lock in locks:
+            lock.acquire()
+        holding.set()
+        release.wait(30)
+        for lock in reversed(locks):
+            lock.release()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:  # fire-and-forget first (no result listener), then with a result
+                tasks.add.apply_async((0, 0), ignore_result=True)
+                if tasks.add.delay(2, 3).get(timeout=15) == 5:
+                    code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the child hung on a lock it inherited held")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        release.set()
+        holder.join(10)
+    assert tasks.add.delay(3, 3).get(timeout=10) == 6
 
 
 def test_a_result_handle_from_before_fork_fails_clearly_in_the_child(

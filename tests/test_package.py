@@ -18,13 +18,33 @@ def test_py_typed_marker_is_shipped() -> None:
     assert importlib.resources.files("taskq").joinpath("py.typed").is_file()
 
 
-def test_runtime_dependencies_are_only_kombu_and_click() -> None:
+def test_runtime_dependencies_are_only_kombu_with_a_pinned_amqp_and_click() -> None:
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = sorted(dep.split(">")[0].split("<")[0].split("=")[0].strip()
                    for dep in project["dependencies"])
-    assert names == ["click", "kombu"]
+    assert names == ["amqp", "click", "kombu"]  # amqp: kombu's own, pinned (see compat.py)
     assert project["requires-python"] == ">=3.10"
+    from taskq.broker.amqp import compat
+
+    assert f'"{compat.PIN}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_a_py_amqp_without_the_internals_taskq_drives_is_refused_at_import(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """If py-amqp's internals are not what taskq's hot paths expect, importing taskq's AMQP
+    broker fails with one message naming what is missing and the versions to install."""
+    import amqp.serialization
+
+    from taskq.broker.amqp import compat
+
+    assert compat.problems() == []
+    monkeypatch.delattr(amqp.serialization, "_read_item")
+    monkeypatch.setattr(amqp.Connection, "__init__", lambda self, host: None)
+    assert compat.problems() == ["amqp.serialization._read_item(buf, offset)",
+                                 "amqp.Connection(frame_handler=...)"]
+    with pytest.raises(ImportError, match=r"pip install 'amqp>=5\.1\.1,<5\.5'"):
+        compat.check()
 
 
 def test_taskq_never_imports_celery() -> None:

@@ -110,9 +110,8 @@ def _entry(key: bytes, kind: bytes, payload: bytes) -> bytes:
 
 
 def test_table_types_py_amqp_never_writes_decode_the_same() -> None:
-    """Types other clients send ('b', 'B', 'u', 'U', 'i', 'l', 'f', 's', 'x', 'D', 'T') and a
-    string that is not UTF-8: decoded as py-amqp decodes them. A key that is not UTF-8 comes
-    out as its escaped text (py-amqp gives bytes, which nothing downstream can use as a key)."""
+    """Types other clients send ('b', 'B', 'u', 'U', 'i', 'l', 'f', 's', 'x', 'D', 'T'):
+    decoded as py-amqp decodes them."""
     import struct
 
     raw = _table_property(
@@ -124,16 +123,19 @@ def test_table_types_py_amqp_never_writes_decode_the_same() -> None:
         _entry(b"l", b"l", struct.pack(">q", -1000)),
         _entry(b"L", b"L", struct.pack(">q", 2**40)),
         _entry(b"f", b"f", struct.pack(">f", 1.5)),
-        _entry(b"s", b"s", struct.pack(">h", -2)),
         _entry(b"x", b"x", struct.pack(">I", 3) + b"\x00\x01\x02"),
         _entry(b"D", b"D", struct.pack(">Bi", 2, 12345)),
         _entry(b"T", b"T", struct.pack(">Q", 1_700_000_000)),
-        _entry(b"bad", b"S", struct.pack(">I", 2) + b"\xff\xfe"),
-        _entry(b"\xff", b"V", b""),
         _entry(b"arr", b"A", struct.pack(">I", 7) + b"t\x01" + b"I" + struct.pack(">i", 9)),
     )
     ours, theirs = _both_decoders(raw)
-    assert isinstance(ours, dict) and isinstance(theirs, dict)
-    assert ours["application_headers"].pop("\\xff") is None
-    assert theirs["application_headers"].pop(b"\xff") is None
     assert ours == theirs
+    # Not UTF-8 (py-amqp 5.1 raises on both; 5.2 on gives bytes for both): a value comes out
+    # as bytes, a key as its escaped text (no use downstream as bytes).
+    from taskq.broker.amqp.frames import decode_properties
+
+    raw = _table_property(_entry(b"bad", b"S", struct.pack(">I", 2) + b"\xff\xfe"),
+                          _entry(b"\xff", b"V", b""),
+                          _entry(b"s", b"s", struct.pack(">h", -2)))  # RabbitMQ's int16
+    assert decode_properties(raw, 0)[0]["application_headers"] == {
+        "bad": b"\xff\xfe", "\\xff": None, "s": -2}

@@ -7,7 +7,7 @@ from typing import Any
 
 from ...config import Config
 from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
-from . import letters, topology
+from . import compat, letters, topology
 from .admin import QueueAdmin
 from .client import ClientConnection
 from .connection import Connector, describe, is_recoverable
@@ -15,6 +15,8 @@ from .consumer import SlotConnection
 from .journal import Spool, hold_lock
 
 __all__ = ["AmqpBroker"]
+
+del compat  # imported first thing among ours: it checks the py-amqp taskq drives
 
 
 class AmqpBroker(Broker):

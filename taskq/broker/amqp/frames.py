@@ -38,6 +38,7 @@ _HH = Struct(">HH")
 _U16 = Struct(">H").unpack_from
 _U32 = Struct(">I").unpack_from
 _I32 = Struct(">i").unpack_from
+_I16 = Struct(">h").unpack_from
 _U64 = Struct(">Q").unpack_from
 _F64 = Struct(">d").unpack_from
 _FRAME_HEAD = Struct(">BHI").pack
@@ -85,6 +86,16 @@ def _timestamp(buf: Any, offset: int) -> tuple[Any, int]:
         return value, offset + 8
 
 
+#: Fixed-size table values: type octet -> (reader, size). 's' is a signed 16-bit integer, as
+#: RabbitMQ means it (py-amqp 5.1 read a string there).
+_FIXED: dict[int, tuple[Callable[[Any, int], Any], int]] = {
+    0x74: (lambda buf, at: bool(buf[at]), 1),  # 't' boolean
+    0x49: (lambda buf, at: _I32(buf, at)[0], 4),  # 'I' signed 32-bit
+    0x64: (lambda buf, at: _F64(buf, at)[0], 8),  # 'd' double
+    0x73: (lambda buf, at: _I16(buf, at)[0], 2),  # 's' signed 16-bit
+}
+
+
 def _item(buf: Any, offset: int, depth: int) -> tuple[Any, int]:
     """One typed table value: the common types here, the rest by py-amqp's rules."""
     kind = buf[offset]
@@ -98,12 +109,10 @@ def _item(buf: Any, offset: int, depth: int) -> tuple[Any, int]:
             return raw, start + size
     if kind == 0x56:  # 'V' void
         return None, offset + 1
-    if kind == 0x74:  # 't' boolean
-        return bool(buf[offset + 1]), offset + 2
-    if kind == 0x49:  # 'I' signed 32-bit
-        return _I32(buf, offset + 1)[0], offset + 5
-    if kind == 0x64:  # 'd' double
-        return _F64(buf, offset + 1)[0], offset + 9
+    fixed = _FIXED.get(kind)
+    if fixed is not None:
+        read, size = fixed
+        return read(buf, offset + 1), offset + 1 + size
     if kind == 0x54:  # 'T' timestamp
         return _timestamp(buf, offset + 1)
     if kind == 0x46:  # 'F' table

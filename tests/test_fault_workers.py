@@ -74,6 +74,28 @@ def test_a_whole_worker_killed_mid_task_loses_nothing(
     assert sorted(lines(effects)) == sorted(f"q{i}" for i in range(10))
 
 
+def test_a_run_cut_short_comes_back_first_and_flagged_redelivered(
+        tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given one slot running task A with B and C queued behind it, when the slot process is
+    killed (-9), A runs again before B and C (it kept its place, where taskq 0.1 put a
+    counted copy at the back), its request says ``delivery_info["redelivered"]`` (the usual
+    idempotency check), and each caller gets one result; nothing is dead-lettered."""
+    worker = start_worker(concurrency=1)
+    log, release = tmp_path / "runs", tmp_path / "release"
+    first = tasks.note_then_block.delay(str(log), "A", str(release))
+    wait_for(lambda: log.exists() and log.read_text().strip(), 15, "A to start")
+    behind = [tasks.note_then_block.delay(str(log), name, str(release)) for name in "BC"]
+    os.kill(int(log.read_text().split()[2]), signal.SIGKILL)
+    wait_for(lambda: len(log.read_text().splitlines()) == 2, 20, "A to run again")
+    release.touch()
+    assert [r.get(timeout=20) for r in (first, *behind)] == ["A", "B", "C"]
+    runs = [line.split()[:2] for line in log.read_text().splitlines()]
+    assert runs == [["A", "False"], ["A", "True"], ["B", "False"], ["C", "False"]]
+    wait_for(lambda: "killed by SIGKILL while running task" in worker.log(), 10, "the log")
+    assert not broker.exists(f"{queue}.dlq") or broker.counts(f"{queue}.dlq")[0] == 0
+
+
 def test_killing_only_the_supervisor_takes_its_task_processes_down(
         tasks: SimpleNamespace, tmp_path: Path,
         start_worker: Callable[..., WorkerProcess]) -> None:

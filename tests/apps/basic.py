@@ -108,6 +108,14 @@ def flaky(self: Any, log: str, failures: int) -> list[int]:
     return [request.retries]
 
 
+def note_then_block(self: Any, log: str, token: str, release: str) -> str:
+    """Note our run (token, redelivered flag, pid), then hold the slot until released."""
+    with open(log, "a") as f:
+        f.write(f"{token} {self.request.delivery_info['redelivered']} {os.getpid()}\n")
+    wait_for_file(release)
+    return token
+
+
 def unreliable(self: Any, log: str) -> None:
     """Raise ConnectionError every time: autoretry_for with exponential backoff."""
     with open(log, "a") as f:
@@ -123,6 +131,7 @@ def build(app: App) -> SimpleNamespace:
     """Register the tasks on ``app``; return them by name (``tasks.add.delay(...)``)."""
     registered = {fn.__name__: app.task(fn) for fn in TASKS}
     registered["flaky"] = app.task(bind=True, max_retries=5)(flaky)
+    registered["note_then_block"] = app.task(bind=True)(note_then_block)
     registered["unreliable"] = app.task(
         bind=True, autoretry_for=(ConnectionError,), retry_backoff=0.2, retry_backoff_max=0.5,
         retry_jitter=False, max_retries=3,

@@ -104,3 +104,20 @@ def test_a_queue_that_does_not_exist_is_a_clear_error(broker: Broker) -> None:
     code, out = dlq(broker, "list", "never-declared")
     assert code == 1 and "queue 'never-declared.dlq' does not exist" in out
     assert "Traceback" not in out
+
+
+def test_replaying_an_expired_letter_runs_it_and_says_its_expiry_was_cleared(
+        tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a task that expired before its countdown let it run (dead-lettered as
+    TaskExpired), replaying it clears the expiry, says so, and the task runs once."""
+    start_worker(concurrency=1)
+    effects = tmp_path / "effects"
+    expired = tasks.record.apply_async((str(effects), "late"), countdown=1.5, expires=0.5)
+    wait_for(lambda: broker.exists(f"{queue}.dlq") and broker.counts(f"{queue}.dlq")[0] == 1,
+             15, "the expired task's dead letter")
+    assert not effects.exists()
+    code, out = dlq(broker, "replay", queue, "--id", expired.id)
+    assert code == 0 and "its expiry had passed and was cleared" in out, out
+    wait_for(lambda: lines(effects) == ["late"], 15, "the replayed task to run")
+    assert broker.counts(f"{queue}.dlq")[0] == 0

@@ -134,7 +134,8 @@ def replay(letters: DeadLetters, queue: str, ids: tuple[str, ...], everything: b
     found: set[str] = set()
     count = 0
     for letter, note in letters.replay(queue, None if everything else ids):
-        found.add(letter.id)
+        if not everything:
+            found.add(letter.id)  # to name the ids asked for that were not there
         count += 1
         click.echo(
             f"replayed {letter.id} ({letter.task}) to {letter.original_queue}"

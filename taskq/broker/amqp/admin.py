@@ -31,11 +31,17 @@ REPLAY_WINDOW = 256
 
 class QueueAdmin(Admin):
     def __init__(self, connector: Connector, declared: set[str], *, timeout: float) -> None:
+        self.connector = connector
         self.connection = connector.connect_once(timeout=timeout, name="taskq admin")
+        #: Replayed copies go out on a connection of their own: waiting for their confirms
+        #: then reads only confirms, while letters not read yet wait in the reader's socket
+        #: (TCP holds the broker back) instead of piling up in memory.
+        self._publisher: Any = None
         self.declared = declared
         self.timeout = timeout
 
     def close(self) -> None:
+        close_quietly(self._publisher)
         close_quietly(self.connection)
 
     def _size(self, queue: str) -> int:
@@ -97,7 +103,11 @@ class QueueAdmin(Admin):
         dlq = topology.dead_letter_queue_name(work)
         total = self._size(dlq)
         reader = plain_channel(self.connection)
-        confirms = ConfirmChannel(self.connection)
+        if self._publisher is None:
+            self._publisher = self.connector.connect_once(
+                timeout=self.timeout, name="taskq admin replay"
+            )
+        confirms = ConfirmChannel(self._publisher)
         #: Copies published, not yet confirmed: (their sequence number, the original's tag).
         window: list[tuple[int, Any, DeadLetter, str]] = []
         try:
@@ -107,7 +117,7 @@ class QueueAdmin(Admin):
                     continue
                 envelope, note = rebuild(letter)
                 if envelope.queue not in self.declared:
-                    topology.declare_work_queue(self.connection, envelope.queue)
+                    topology.declare_work_queue(self._publisher, envelope.queue)
                     self.declared.add(envelope.queue)
                 window.append((confirms.send_routed(envelope, self.declared), received.tag,
                                letter, note))

@@ -62,7 +62,9 @@ class ClientConnection(ClientLink):
         except BaseException:
             drop(self.connection)
             raise
-        self.bound.relax()
+        # Each call bounded by one publish_timeout; .delay() then needs no system call to
+        # set its own (see Bound.until).
+        self.bound.set(connector.config.publish_timeout)
         self.declared = declared
         self.replies: Any = None
         self._on_reply: Callable[[Delivery], None] | None = None

@@ -188,9 +188,14 @@ class Bound:
 
     @contextlib.contextmanager
     def until(self, deadline: float) -> Iterator[None]:
-        """Within the block, no single call waits past ``deadline`` (monotonic)."""
+        """Within the block, no single call waits past ``deadline`` (monotonic), give or take
+        a second: a deadline that near the standing bound costs no system call."""
         before = self._seconds
-        self.set(deadline - time.monotonic())
+        seconds = deadline - time.monotonic()
+        if before - 1.0 <= seconds <= before:
+            yield
+            return
+        self.set(seconds)
         try:
             yield
         finally:

@@ -1,9 +1,17 @@
-"""Fixtures: a RabbitMQ vhost for the session, a queue per test, real worker processes."""
+"""Fixtures: the brokers under test, a queue per test, real worker processes.
+
+Tests of the contract run on both brokers (parametrized ``[sqlite]`` and ``[rabbitmq]``): the
+embedded one in a file of the session's own, and the local RabbitMQ in a vhost of the
+session's own. A test or module marked ``rabbitmq`` is about RabbitMQ itself and runs on it
+only. Without a reachable RabbitMQ those are skipped, with one line at the end saying why and
+how to run them; with ``CI=true`` they fail instead (CI must run them).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,24 +21,104 @@ import pytest
 from taskq import App
 
 from .apps import basic
-from .support import Broker, WorkerProcess, rabbitmqctl, unique, wait_for
+from .support import (
+    RABBIT_HOST,
+    RABBIT_PORT,
+    Broker,
+    RabbitBroker,
+    SqliteBroker,
+    WorkerProcess,
+    rabbitmqctl,
+    unique,
+    wait_for,
+)
 from .tls_broker import TlsBroker, tls_broker
+
+KINDS = ("sqlite", "rabbitmq")
+NO_RABBIT = "RabbitMQ is not reachable"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "rabbitmq: about RabbitMQ itself: runs on it only")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "broker_kind" in metafunc.fixturenames:
+        only_rabbit = metafunc.definition.get_closest_marker("rabbitmq") is not None
+        kinds = ["rabbitmq"] if only_rabbit else list(KINDS)
+        metafunc.parametrize("broker_kind", kinds, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A case marked ``rabbitmq`` through its parameters (not its function) has no
+    embedded-broker variant: leave that one out."""
+    def applies(item: pytest.Item) -> bool:
+        callspec = getattr(item, "callspec", None)
+        kind = callspec.params.get("broker_kind") if callspec is not None else None
+        return not (kind == "sqlite" and item.get_closest_marker("rabbitmq") is not None)
+
+    items[:] = [item for item in items if applies(item)]
+
+
+def rabbit_missing() -> str | None:
+    """Why RabbitMQ tests can't run here, or None."""
+    if shutil.which("rabbitmqctl") is None:
+        return f"{NO_RABBIT} (no rabbitmqctl on PATH)"
+    try:
+        socket.create_connection((RABBIT_HOST, RABBIT_PORT), timeout=2).close()
+    except OSError as exc:
+        return f"{NO_RABBIT} on {RABBIT_HOST}:{RABBIT_PORT} ({exc})"
+    return None
+
+
+def need_rabbit() -> None:
+    """Skip a RabbitMQ test where there is none, fail it in CI."""
+    why = rabbit_missing()
+    if why is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: CI must run the RabbitMQ tests")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[Broker]:
+def rabbit_session() -> Iterator[RabbitBroker]:
     """A fresh vhost for this test run, deleted afterwards."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.exit("rabbitmqctl not found: the tests need a local RabbitMQ", returncode=3)
+    need_rabbit()
     vhost = unique("taskq-test")
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    test_broker = Broker(vhost)
-    os.environ["TASKQ_BROKER_URL"] = test_broker.url
     try:
-        yield test_broker
+        yield RabbitBroker(vhost)
     finally:
         rabbitmqctl("delete_vhost", vhost, check=False)
+
+
+@pytest.fixture(scope="session")
+def sqlite_session(tmp_path_factory: pytest.TempPathFactory) -> SqliteBroker:
+    """The embedded broker's file for this test run."""
+    return SqliteBroker(tmp_path_factory.mktemp("embedded") / "taskq.db")
+
+
+@pytest.fixture
+def broker(broker_kind: str, request: pytest.FixtureRequest,
+           monkeypatch: pytest.MonkeyPatch) -> Broker:
+    """The broker under test (its URL also in $TASKQ_BROKER_URL for the test's duration)."""
+    name = "rabbit_session" if broker_kind == "rabbitmq" else "sqlite_session"
+    chosen: Broker = request.getfixturevalue(name)
+    monkeypatch.setenv("TASKQ_BROKER_URL", chosen.url)
+    return chosen
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if NO_RABBIT in str(getattr(r, "longrepr", ""))]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} RabbitMQ tests skipped: {NO_RABBIT} here. To run them too, start "
+            "one on localhost:5672 (guest/guest), e.g. docker compose up -d rabbitmq, and run "
+            "the tests again."
+        )
 
 
 @pytest.fixture
@@ -87,6 +175,7 @@ def start_worker(
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     """A throwaway RabbitMQ node with TLS listeners and its own certificate authority."""
+    need_rabbit()
     with tls_broker(tmp_path_factory.mktemp("tls-broker")) as node:
         yield node
 

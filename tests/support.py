@@ -6,14 +6,18 @@ queues come from the broker itself.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +56,85 @@ def rabbitmqctl(*args: str, check: bool = True, timeout: float = 60) -> str:
     return proc.stdout
 
 
+@dataclass
+class Letter:
+    """A dead letter as a test sees it, whichever broker kept it."""
+
+    body: bytes
+    headers: dict[str, Any]
+    exception: str
+    reason: str
+    original_queue: str
+    correlation_id: str | None
+    dead_at: str
+
+
 class Broker:
+    """What a test sees of the broker under test: facts about queues, from the broker itself.
+
+    ``queue_info`` gives messages_ready / messages_unacknowledged / consumers (strings, as
+    rabbitmqctl prints them); ``counts`` gives (ready, consumers); ``take_dead_letters``
+    removes and returns a queue's dead letters; ``publish_raw`` sends what a foreign client
+    would (any properties). Two kinds: :class:`RabbitBroker`, :class:`SqliteBroker`.
+    """
+
+    kind = ""
+    url = ""
+
+    def queue_info(self, queue: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def counts(self, queue: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def exists(self, queue: str) -> bool:
+        raise NotImplementedError
+
+    def take_dead_letters(self, queue: str) -> list[Letter]:
+        raise NotImplementedError
+
+    def dead_letter_count(self, queue: str) -> int:
+        raise NotImplementedError
+
+    def publish_raw(self, queue: str, body: bytes, **properties: Any) -> None:
+        raise NotImplementedError
+
+    def publish_result(self, reply_queue: str, correlation_id: str, body: bytes) -> None:
+        """A result message into a caller's reply queue, as any worker (or forger) sends it."""
+        raise NotImplementedError
+
+    def delete_queue(self, queue: str) -> None:
+        raise NotImplementedError
+
+
+class RabbitBroker(Broker):
     """The test session's view of RabbitMQ: one vhost, raw AMQP and rabbitmqctl access."""
+
+    kind = "rabbitmq"
 
     def __init__(self, vhost: str) -> None:
         self.vhost = vhost
         self.url = f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}"
+
+    def take_dead_letters(self, queue: str) -> list[Letter]:
+        letters = []
+        for message in self.get_all(f"{queue}.dlq") if self.exists(f"{queue}.dlq") else []:
+            h = message.properties.get("application_headers") or {}
+            letters.append(Letter(message.body, h, str(h.get("x-taskq-dead-exception")),
+                                  str(h.get("x-taskq-dead-reason")),
+                                  str(h.get("x-taskq-original-queue")),
+                                  message.properties.get("correlation_id"),
+                                  str(h.get("x-taskq-dead-at") or "")))
+        return letters
+
+    def dead_letter_count(self, queue: str) -> int:
+        return self.counts(f"{queue}.dlq")[0] if self.exists(f"{queue}.dlq") else 0
+
+    def publish_result(self, reply_queue: str, correlation_id: str, body: bytes) -> None:
+        with self.channel() as ch:
+            ch.basic_publish(amqp.Message(body, content_type="application/json",
+                                          correlation_id=correlation_id),
+                             exchange="", routing_key=reply_queue)
 
     def connect(self) -> amqp.Connection:
         conn = amqp.Connection(f"{RABBIT_HOST}:{RABBIT_PORT}", userid="guest", password="guest",
@@ -167,6 +244,137 @@ class Broker:
 
 
 # -- workers ---------------------------------------------------------------------------------------
+
+
+class SqliteBroker(Broker):
+    """The test session's view of the embedded broker: its file, read with sqlite3."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        from taskq import App
+
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        App(self.url).broker.store.connection()  # creates the file and its schema
+        from taskq.broker.sqlite.wake import queue_key, wake_dir
+
+        self._wake_dir = wake_dir(path)
+        self._queue_key = queue_key
+
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+
+    def _scalar(self, sql: str, *params: Any) -> int:
+        db = self._db()
+        try:
+            return int(db.execute(sql, params).fetchone()[0] or 0)
+        finally:
+            db.close()
+
+    def consumers(self, queue: str) -> int:
+        """Live listeners for the queue: a slot listens while it serves it."""
+        folder = self._wake_dir / self._queue_key(queue)
+        alive = 0
+        for entry in folder.glob("*") if folder.is_dir() else []:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.connect(str(entry))
+                alive += 1
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        return alive
+
+    def queue_info(self, queue: str) -> dict[str, str]:
+        if not self.exists(queue):
+            raise AssertionError(f"queue {queue!r} does not exist in {self.path}")
+        ready = self._scalar("SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NULL "
+                             "AND due <= ?", queue, time.time())
+        held = self._scalar("SELECT COUNT(*) FROM messages WHERE queue = ? AND holder IS NOT "
+                            "NULL", queue)
+        return {"name": queue, "messages_ready": str(ready),
+                "messages_unacknowledged": str(held), "consumers": str(self.consumers(queue))}
+
+    def counts(self, queue: str) -> tuple[int, int]:
+        if queue.endswith(".dlq"):
+            return self.dead_letter_count(queue[:-4]), 0
+        if queue.startswith("taskq.reply."):
+            return self._scalar("SELECT COUNT(*) FROM replies WHERE queue = ?", queue), 0
+        if not self.exists(queue):
+            return 0, self.consumers(queue)
+        info = self.queue_info(queue)
+        return int(info["messages_ready"]), int(info["consumers"])
+
+    def exists(self, queue: str) -> bool:
+        if queue.endswith(".dlq"):
+            return self.exists(queue[:-4])
+        if queue.startswith("taskq.reply."):
+            return bool(self._scalar("SELECT COUNT(*) FROM reply_queues WHERE name = ?", queue))
+        return bool(self._scalar("SELECT COUNT(*) FROM queues WHERE name = ?", queue))
+
+    def delayed(self, queue: str) -> int:
+        return self._scalar("SELECT COUNT(*) FROM messages WHERE queue = ? AND due > ?", queue,
+                            time.time())
+
+    def dead_letter_count(self, queue: str) -> int:
+        return self._scalar("SELECT COUNT(*) FROM dead WHERE queue = ?", queue)
+
+    def take_dead_letters(self, queue: str) -> list[Letter]:
+        db = self._db()
+        try:
+            rows = db.execute("DELETE FROM dead WHERE queue = ? RETURNING body, props, exception, "
+                              "reason, queue, id, dead_at", (queue,)).fetchall()
+        finally:
+            db.close()
+        letters = []
+        for body, props, exception, reason, original, _, dead_at in sorted(rows,
+                                                                           key=lambda r: r[5]):
+            props = json.loads(props)
+            letters.append(Letter(body, props.get("headers") or {}, exception, reason, original,
+                                  props.get("correlation_id"), dead_at))
+        return letters
+
+    def publish_raw(self, queue: str, body: bytes, **properties: Any) -> None:
+        props = {"headers": properties.get("application_headers") or {},
+                 "content_type": properties.get("content_type"),
+                 "content_encoding": properties.get("content_encoding"),
+                 "correlation_id": properties.get("correlation_id"),
+                 "reply_to": properties.get("reply_to")}
+        db = self._db()
+        try:
+            db.execute("INSERT OR IGNORE INTO queues (name, created) VALUES (?, ?)",
+                       (queue, time.time()))
+            db.execute("INSERT INTO messages (queue, due, body, props) VALUES (?, ?, ?, ?)",
+                       (queue, time.time(), body, json.dumps(props)))
+        finally:
+            db.close()
+        from taskq.broker.sqlite.wake import Waker
+
+        Waker(self._wake_dir).wake([queue])
+
+    def publish_result(self, reply_queue: str, correlation_id: str, body: bytes) -> None:
+        props = json.dumps({"content_type": "application/json", "correlation_id": correlation_id})
+        db = self._db()
+        try:
+            db.execute("INSERT INTO replies (queue, body, props) VALUES (?, ?, ?)",
+                       (reply_queue, body, props))
+        finally:
+            db.close()
+        from taskq.broker.sqlite.wake import Waker
+
+        Waker(self._wake_dir).wake([reply_queue])
+
+    def delete_queue(self, queue: str) -> None:
+        db = self._db()
+        try:
+            db.execute("DELETE FROM messages WHERE queue = ?", (queue,))
+            db.execute("DELETE FROM queues WHERE name = ?", (queue,))
+            db.execute("DELETE FROM replies WHERE queue = ?", (queue,))
+            db.execute("DELETE FROM reply_queues WHERE name = ?", (queue,))
+        finally:
+            db.close()
 
 
 class WorkerProcess:

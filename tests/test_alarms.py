@@ -18,7 +18,7 @@ from taskq import App
 from .apps import basic
 from .support import Broker, WorkerProcess, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
 
 
 def test_a_delay_many_of_large_messages_into_a_blocked_broker_ends_within_its_bound(

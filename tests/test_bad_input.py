@@ -47,10 +47,14 @@ def _raw_task(tasks: SimpleNamespace, broker: Broker, queue: str, body: bytes,
 
 
 def _dead_letter(broker: Broker, queue: str, task_id: str) -> dict[str, Any]:
-    for message in broker.get_all(f"{queue}.dlq"):
-        if message.properties.get("correlation_id") == task_id:
-            headers: dict[str, Any] = message.properties["application_headers"]
-            return {"body": message.body, **headers}
+    """The letter's body, headers, and why (as x-taskq-dead-* keys, as on RabbitMQ)."""
+    for letter in broker.take_dead_letters(queue):
+        if letter.correlation_id == task_id:
+            return {"body": letter.body, **letter.headers,
+                    "x-taskq-dead-exception": letter.exception,
+                    "x-taskq-dead-reason": letter.reason,
+                    "x-taskq-original-queue": letter.original_queue,
+                    "x-taskq-dead-at": letter.dead_at}
     raise AssertionError(f"task {task_id} is not in {queue}.dlq")
 
 
@@ -139,6 +143,7 @@ def test_bad_input_without_reply_to_is_still_kept(tasks: SimpleNamespace, broker
     assert _dead_letter(broker, queue, task_id)["x-taskq-dead-exception"] == "MessageDecodeError"
 
 
+@pytest.mark.rabbitmq
 def test_a_message_the_broker_expires_in_its_queue_is_kept_with_the_reason(
         tasks: SimpleNamespace, broker: Broker, queue: str) -> None:
     """Given a task message with a per-message expiration (a Celery client's ``expires``)

@@ -53,6 +53,7 @@ def test_bad_arguments_in_a_batch_fail_at_the_call(tasks: SimpleNamespace, broke
     assert not broker.exists(queue)
 
 
+@pytest.mark.rabbitmq
 def test_messages_the_broker_refuses_are_named_and_the_rest_are_queued(
         make_app: Callable[..., App], broker: Broker, queue: str) -> None:
     """Given a queue that takes 5 messages and refuses more (reject-publish), a batch of 10
@@ -68,6 +69,7 @@ def test_messages_the_broker_refuses_are_named_and_the_rest_are_queued(
     assert broker.counts(queue)[0] == 5
 
 
+@pytest.mark.rabbitmq
 def test_a_batch_that_cannot_reach_the_broker_names_every_task(
         make_app: Callable[..., App]) -> None:
     app = make_app(publish_timeout=1)

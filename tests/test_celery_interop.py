@@ -26,7 +26,7 @@ import taskq
 from .apps import basic
 from .support import ROOT, Broker, WorkerProcess, unique, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.rabbitmq]
 
 ADD = "tests.apps.basic.add"
 FAIL = "tests.apps.basic.fail"
@@ -120,9 +120,9 @@ class CeleryWorker:
 
 
 @pytest.fixture(scope="module")
-def celery_worker(broker: Broker, tmp_path_factory: pytest.TempPathFactory
+def celery_worker(rabbit_session: Broker, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[CeleryWorker]:
-    worker = CeleryWorker(broker, tmp_path_factory.mktemp("celery") / "celery-worker.log")
+    worker = CeleryWorker(rabbit_session, tmp_path_factory.mktemp("celery") / "celery-worker.log")
     try:
         yield worker.wait_ready()
     finally:

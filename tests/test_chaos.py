@@ -30,7 +30,7 @@ from .chaos import (
 from .rabbit_node import AmqpNode, amqp_node
 from .support import unique, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from .support import Broker, WorkerProcess, rabbitmqctl, unique, wait_for
 LEGACY_EXCHANGE = "taskq.delay.deliver"
 LEGACY_HEADER = "x-taskq-delay-target"
 
+pytestmark = pytest.mark.rabbitmq
+
 
 @pytest.fixture
 def queues(queue: str, broker: Broker) -> Iterator[list[str]]:

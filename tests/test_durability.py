@@ -12,6 +12,7 @@ from .support import Broker, WorkerProcess, lines
 
 
 @pytest.mark.slow
+@pytest.mark.rabbitmq
 def test_queued_tasks_survive_a_broker_restart(
         tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
         start_worker: Callable[..., WorkerProcess]) -> None:

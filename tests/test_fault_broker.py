@@ -20,7 +20,7 @@ from taskq import App
 from .apps import basic
 from .support import Broker, WorkerProcess, lines, rabbitmqctl, run_taskq, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
 
 
 @contextlib.contextmanager

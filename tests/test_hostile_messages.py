@@ -54,6 +54,8 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded)\b.*$", 
 DEAD_HEADERS = ("x-taskq-dead-reason", "x-taskq-dead-exception", "x-taskq-dead-at",
                 "x-taskq-original-queue")
 
+pytestmark = pytest.mark.rabbitmq
+
 
 @dataclass
 class Hostile:

@@ -19,6 +19,7 @@ from .apps import basic
 from .support import Broker, WorkerProcess, wait_for
 
 
+@pytest.mark.rabbitmq
 def test_a_task_message_is_durable_persistent_and_speaks_protocol_v2(
         tasks: SimpleNamespace, broker: Broker, queue: str) -> None:
     """Given no worker, when a task is sent, the broker holds it in a durable queue, as a
@@ -46,6 +47,7 @@ def test_a_task_message_is_durable_persistent_and_speaks_protocol_v2(
     assert set(embed) == {"callbacks", "errbacks", "chain", "chord"}
 
 
+@pytest.mark.rabbitmq
 def test_delay_waits_for_the_confirm_and_a_nack_is_an_error(
         make_app: Callable[..., App], broker: Broker, queue: str) -> None:
     """Given a queue that refuses messages (full, reject-publish), ``.delay()`` raises
@@ -58,6 +60,7 @@ def test_delay_waits_for_the_confirm_and_a_nack_is_an_error(
         tasks.add.delay(1, 2)
 
 
+@pytest.mark.rabbitmq
 def test_an_unroutable_message_is_an_error_not_a_silent_drop(
         tasks: SimpleNamespace, broker: Broker, queue: str) -> None:
     """Given the queue was deleted behind taskq's back, the next send is returned by the broker

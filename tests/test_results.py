@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
-import amqp
 import pytest
 
 import taskq
@@ -122,9 +121,7 @@ def test_a_return_value_json_cannot_carry_is_a_clear_failure(
 
 
 def _send_result(broker: Broker, reply_to: str, task_id: str, payload: dict[str, object]) -> None:
-    with broker.channel() as ch:
-        ch.basic_publish(amqp.Message(json.dumps(payload), content_type="application/json",
-                                      correlation_id=task_id), exchange="", routing_key=reply_to)
+    broker.publish_result(reply_to, task_id, json.dumps(payload).encode())
 
 
 def test_a_result_naming_a_module_never_imports_it(tasks: SimpleNamespace,
@@ -161,6 +158,7 @@ def test_a_result_is_delivered_once_even_if_sent_twice(tasks: SimpleNamespace,
     assert handle.get(timeout=0) == "first"
 
 
+@pytest.mark.rabbitmq
 def test_the_result_message_is_what_celery_rpc_writes(
         broker: Broker, queue: str, worker: WorkerProcess) -> None:
     """Given a raw protocol-v2 message with our own reply_to, the worker's reply is Celery's

@@ -18,6 +18,7 @@ from .tls_broker import TlsBroker
 SECRET = "s3cr3t-Pa55"
 
 
+@pytest.mark.rabbitmq
 def test_a_password_never_appears_in_errors_or_worker_logs(broker: Broker, queue: str,
                                                            tmp_path: Path) -> None:
     unreachable = App(f"amqp://guest:{SECRET}@127.0.0.1:1/", publish_timeout=1,

@@ -16,6 +16,8 @@ import pytest
 
 from .tls_broker import TlsBroker
 
+pytestmark = pytest.mark.rabbitmq
+
 
 def connect(tls: TlsBroker, port: int, *, ca: object = None, client_cert: bool = False,
             hostname: str | None = None) -> amqp.Connection:

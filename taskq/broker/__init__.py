@@ -1,6 +1,7 @@
 """Brokers: one interface (:mod:`taskq.broker.base`), one package per broker below it.
 
-The URL's scheme picks the broker: ``amqp://`` / ``amqps://`` is RabbitMQ
+The URL's scheme picks the broker: ``sqlite:///path.db`` is the embedded one
+(:mod:`taskq.broker.sqlite`, the default), ``amqp://`` / ``amqps://`` is RabbitMQ
 (:mod:`taskq.broker.amqp`). Nothing outside a broker's package speaks its concepts.
 """
 
@@ -31,7 +32,12 @@ def broker_for(config: Config) -> Broker:
         from .amqp import AmqpBroker
 
         return AmqpBroker(config)
+    if scheme == "sqlite":
+        from .sqlite import SqliteBroker
+
+        return SqliteBroker(config)
     raise ConfigurationError(
         f"broker URL {config.display_url} names no broker taskq knows: use "
-        "amqp://user:password@host:5672/vhost (RabbitMQ; amqps:// for TLS)"
+        "sqlite:///taskq.db (embedded, one machine) or amqp://user:password@host:5672/vhost "
+        "(RabbitMQ; amqps:// for TLS)"
     )

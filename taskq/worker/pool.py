@@ -96,11 +96,17 @@ class SlotProcesses:
             slot.send(STOP)
 
     def kill_all(self) -> None:
-        """Cold shutdown: the interrupted runs are not the tasks' fault (not lost runs)."""
+        """Cold shutdown: stop every slot now; what they held goes back to its queues, and
+        the interrupted runs are not the tasks' fault (not counted as lost runs)."""
         for slot in self.slots.values():
             slot.stopping = True
             if slot.process.is_alive():
                 slot.process.kill()
+        for slot in list(self.slots.values()):
+            slot.process.join(5)
+            self._read_reports(slot)
+            del self.slots[slot.index]
+            self.support.slot_exited(slot.index, slot.record.read()[1], died=False)
 
     def handle(self, ready: list[Any], *, stopping: bool) -> None:
         for slot in list(self.slots.values()):

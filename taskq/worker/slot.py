@@ -66,6 +66,7 @@ class Slot:
         main_thread: bool,
     ) -> None:
         self.name = f"slot-{index}"
+        self.index = index
         self.app = app
         self.options = options
         self.reporter = reporter
@@ -248,6 +249,8 @@ class Slot:
         link_fd = link.input.fileno()
         if link.input.buffered():
             return [link_fd]
+        if self.inbox and self.current is None:  # a link may hand over the next at once
+            return [fd for fd, _ in poller.poll(0)]
         wait = next_tick - time.monotonic()
         wakeup = link.next_wakeup()
         if wakeup is not None and wakeup < wait:

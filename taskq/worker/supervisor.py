@@ -262,6 +262,9 @@ class Worker:
             if self._on_signals(stop_all, lambda: None, lambda: _running(slots)):
                 for slot in slots:
                     slot.kill_current()
+                    # Give back what it held (the broker may not notice our exit by itself).
+                    with contextlib.suppress(Exception):
+                        support.slot_exited(slot.index, slot.record.read()[1], died=False)
                 logging.shutdown()
                 os._exit(1)  # threads can't be killed: leaving is how a cold stop ends them
         beats.stop()

@@ -1,0 +1,156 @@
+"""A client's link to the embedded broker: a committed insert is a confirmed publish, and the
+process's reply queue is a set of rows that the workers' results are written to.
+
+``.delay()`` returns once the message's transaction has committed (durable as the file's
+``synchronous`` setting says), then wakes whoever waits for its queue. Results are read when
+the reply queue's socket is woken, or every :data:`~.wake.FALLBACK` seconds regardless.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ...message import Delivery, Envelope
+from ..base import ClientLink
+from .store import decode_props, encode_props
+from .wake import FALLBACK, Listener
+
+if TYPE_CHECKING:
+    from . import SqliteBroker
+
+
+def message_row(envelope: Envelope, now: float) -> tuple[str, float, bytes, str]:
+    props = {
+        "headers": envelope.headers,
+        "content_type": envelope.content_type,
+        "content_encoding": envelope.content_encoding,
+        "correlation_id": envelope.correlation_id,
+        "reply_to": envelope.reply_to,
+    }
+    return envelope.queue, now + max(0.0, envelope.delay), envelope.body, encode_props(props)
+
+
+INSERT_MESSAGE = "INSERT INTO messages (queue, due, body, props) VALUES (?, ?, ?, ?)"
+
+
+class _Readiness:
+    """The reply queue's socket, plus a look every FALLBACK seconds (buffered() says when)."""
+
+    def __init__(self) -> None:
+        self.listener: Listener | None = None
+        self.next_look = time.monotonic() + FALLBACK
+        self._poll = select.poll()
+
+    def attach(self, listener: Listener) -> None:
+        self.listener = listener
+        self._poll.register(listener.fileno(), select.POLLIN)
+
+    def fileno(self) -> int:
+        return self.listener.fileno() if self.listener is not None else -1
+
+    def buffered(self) -> bool:
+        return self.listener is not None and time.monotonic() >= self.next_look
+
+    def waiting(self) -> bool:
+        return self.buffered() or (self.listener is not None and bool(self._poll.poll(0)))
+
+
+class SqliteClient(ClientLink):
+    tick_interval = 60.0
+
+    def __init__(self, broker: SqliteBroker) -> None:
+        self.broker = broker
+        self.store = broker.store
+        self.pid = os.getpid()
+        self.blocked = None
+        self.readiness = _Readiness()
+        self.input = self.readiness
+        self.store.connection()  # the file's checks, now: a clear error at the first send
+        self._queue: str | None = None
+        self._on_reply: Callable[[Delivery], None] | None = None
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(self, envelope: Envelope, deadline: float) -> None:
+        self.broker.register_queues((envelope.queue,))
+        with self.store.write(deadline) as conn:
+            conn.execute(INSERT_MESSAGE, message_row(envelope, time.time()))
+        self.broker.waker.wake((envelope.queue,))
+
+    def publish_many(
+        self, envelopes: Sequence[Envelope], deadline: float, confirmed: set[str]
+    ) -> dict[str, str]:
+        self.broker.register_queues({e.queue for e in envelopes})
+        now = time.time()
+        with self.store.write(deadline) as conn:
+            conn.executemany(INSERT_MESSAGE, [message_row(e, now) for e in envelopes])
+        confirmed.update(e.task_id for e in envelopes)
+        self.broker.waker.wake({e.queue for e in envelopes})
+        return {}
+
+    # -- the reply queue ---------------------------------------------------------------------
+
+    def consume_replies(
+        self, queue: str, expires: float, on_reply: Callable[[Delivery], None], *,
+        must_exist: bool,
+    ) -> bool:
+        holder = self.broker.holder()
+        with self.store.write() as conn:
+            existed = conn.execute(
+                "SELECT 1 FROM reply_queues WHERE name = ?", (queue,)).fetchone() is not None
+            conn.execute("INSERT OR REPLACE INTO reply_queues (name, holder) VALUES (?, ?)",
+                         (queue, holder))
+        listener = Listener(self.broker.wake_dir, (queue,), f"r-{holder:x}-{id(self):x}")
+        self.readiness.attach(listener)
+        self._queue, self._on_reply = queue, on_reply
+        return existed or not must_exist
+
+    def drain(self) -> None:
+        """File the results that arrived (when woken, or every FALLBACK seconds)."""
+        if self._queue is None or self.readiness.listener is None:
+            return
+        woken = self.readiness.listener.clear()
+        if not woken and time.monotonic() < self.readiness.next_look:
+            return
+        self.readiness.next_look = time.monotonic() + FALLBACK
+        if not self.store.read("SELECT 1 FROM replies WHERE queue = ? LIMIT 1", (self._queue,)):
+            return
+        with self.store.write() as conn:
+            rows = conn.execute(
+                "DELETE FROM replies WHERE queue = ? RETURNING body, props", (self._queue,)
+            ).fetchall()
+        assert self._on_reply is not None
+        for body, props_text in rows:
+            props = decode_props(props_text)
+            self._on_reply(Delivery(
+                body=body,
+                content_type=props.get("content_type"),
+                headers={},
+                correlation_id=props.get("correlation_id"),
+                reply_to=None,
+                redelivered=False,
+                queue=self._queue,
+            ))
+
+    def delete_replies(self, queue: str) -> None:
+        with self.store.write() as conn:
+            conn.execute("DELETE FROM replies WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM reply_queues WHERE name = ?", (queue,))
+
+    def tick(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.readiness.listener is not None and self.pid == os.getpid():
+            self.readiness.listener.close()
+
+    def drop(self) -> None:
+        self.close()
+
+    def abandon(self) -> None:
+        """A child keeps its parent's socket file alone (the parent still listens there)."""
+        self.readiness.listener = None

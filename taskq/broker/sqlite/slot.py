@@ -1,0 +1,234 @@
+"""A worker slot's link to the embedded broker: claim one message, run it, settle it.
+
+A claim is a transaction that marks the message held by this process (its holder id, see
+:mod:`.liveness`); settling it is a transaction that writes the result (if its caller's reply
+queue still exists) and deletes the message, together: a result and its ack are one commit.
+The slot holds one claim at most, so it never holds a message it is not running. If the
+process dies, whoever sweeps next (its supervisor at once, any other slot within seconds)
+puts the message back in its queue, counting a lost run; while it lives, nobody does, however
+long the task runs. Delayed messages wait in the same table until their ``due`` time; the
+slot sleeps until the earliest one or until woken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ...message import Delivery, Envelope
+from ..base import DeliveryCallback, Reply, SlotLink
+from .client import INSERT_MESSAGE, message_row
+from .store import decode_props, encode_props
+from .wake import FALLBACK, Listener
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from . import SqliteBroker
+
+#: How often an idle slot looks for processes that died holding messages (seconds).
+SWEEP_EVERY = 2.0
+
+CLAIM = (
+    "UPDATE messages SET holder = ?, deliveries = deliveries + 1 WHERE id = ("
+    "SELECT id FROM messages WHERE queue = ? AND holder IS NULL AND due <= ? "
+    "ORDER BY due, id LIMIT 1) RETURNING id, body, props, deliveries, lost"
+)
+
+
+class _Readiness:
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def buffered(self) -> bool:
+        return False
+
+    def waiting(self) -> bool:
+        return False  # drain() looks at the file itself: nothing half-read to finish
+
+
+class SqliteSlot(SlotLink):
+    tick_interval = 1.0
+
+    def __init__(
+        self, broker: SqliteBroker, queues: Sequence[str], on_delivery: DeliveryCallback,
+        name: str,
+    ) -> None:
+        self.broker = broker
+        self.store = broker.store
+        self.queues = list(queues)
+        self._on_delivery = on_delivery
+        self.holder = broker.holder()
+        broker.register_queues(self.queues)
+        self.listener = Listener(
+            broker.wake_dir, self.queues, f"s-{self.holder:x}-{id(self):x}"
+        )
+        self.input = _Readiness(self.listener)
+        self.opened_at = time.monotonic()
+        self._active = False
+        self._held: Any = None
+        self._turn = 0
+        self._next_due: float | None = None
+        self._next_sweep = time.monotonic() + SWEEP_EVERY
+        self._placeholders = ",".join("?" * len(self.queues))
+
+    # -- taking messages ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._active = True
+        self.drain()
+
+    def pause(self) -> None:
+        self._active = False
+
+    def drain(self) -> None:
+        self.listener.clear()
+        if self._active and self._held is None:
+            self._claim()
+
+    def _claim(self) -> None:
+        now = time.time()
+        ready = self.store.read(
+            f"SELECT MIN(due) FROM messages WHERE queue IN ({self._placeholders}) "
+            "AND holder IS NULL", self.queues)
+        earliest = ready[0][0] if ready else None
+        if earliest is None or earliest > now:
+            self._next_due = earliest
+            return
+        with self.store.write() as conn:
+            for step in range(len(self.queues)):
+                queue = self.queues[(self._turn + step) % len(self.queues)]
+                row = conn.execute(CLAIM, (self.holder, queue, now)).fetchone()
+                if row is not None:
+                    self._turn = (self._turn + step + 1) % len(self.queues)
+                    break
+        if row is None:
+            return
+        self._next_due = None
+        message_id, body, props_text, deliveries, lost = row
+        props = decode_props(props_text)
+        self._held = message_id
+        self._on_delivery(Delivery(
+            body=body,
+            content_type=props.get("content_type"),
+            headers=props.get("headers") or {},
+            correlation_id=props.get("correlation_id"),
+            reply_to=props.get("reply_to"),
+            redelivered=deliveries > 1,
+            queue=queue,
+            tag=message_id,
+            properties={"content_encoding": props.get("content_encoding"), "lost": lost},
+        ))
+
+    def next_wakeup(self) -> float | None:
+        """Until the earliest delayed message is due, and at most FALLBACK (a missed wake)."""
+        wait = FALLBACK
+        if self._next_due is not None:
+            wait = min(wait, max(0.0, self._next_due - time.time()))
+        return wait
+
+    def tick(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY
+            self.broker.sweep()
+
+    def keepalive(self) -> None:
+        pass  # liveness is the kernel's lock: nothing to renew while a task runs
+
+    # -- settling ----------------------------------------------------------------------------
+
+    def _reply_row(self, conn: sqlite3.Connection, delivery: Delivery, reply: Reply) -> None:
+        if not delivery.reply_to:
+            return
+        props = encode_props({
+            "content_type": reply.content_type,
+            "correlation_id": delivery.correlation_id or delivery.task_id or "",
+        })
+        conn.execute(
+            "INSERT INTO replies (queue, body, props) SELECT ?, ?, ? "
+            "WHERE EXISTS (SELECT 1 FROM reply_queues WHERE name = ?)",
+            (delivery.reply_to, reply.body, props, delivery.reply_to),
+        )
+
+    def _release(self, conn: sqlite3.Connection, delivery: Delivery) -> None:
+        conn.execute("DELETE FROM messages WHERE id = ? AND holder = ?",
+                     (delivery.tag, self.holder))
+
+    def _done(self, delivery: Delivery, reply: Reply | None, *queues: str) -> None:
+        self._held = None
+        woken = list(queues)
+        if reply is not None and delivery.reply_to:
+            woken.append(delivery.reply_to)
+        if woken:
+            self.broker.waker.wake(woken)
+        if self._active:
+            self._claim()  # the next one at once, as a broker pushes it after an ack
+
+    def settle(self, delivery: Delivery, reply: Reply | None) -> None:
+        with self.store.write() as conn:
+            if reply is not None:
+                self._reply_row(conn, delivery, reply)
+            self._release(conn, delivery)
+        self._done(delivery, reply)
+
+    def reply(self, delivery: Delivery, reply: Reply) -> None:
+        with self.store.write() as conn:
+            self._reply_row(conn, delivery, reply)
+        if delivery.reply_to:
+            self.broker.waker.wake((delivery.reply_to,))
+
+    def dead_letter(
+        self, delivery: Delivery, exc_type: str, reason: str, worker: str, reply: Reply | None
+    ) -> str:
+        props = encode_props({
+            "headers": delivery.headers,
+            "content_type": delivery.content_type,
+            "content_encoding": delivery.properties.get("content_encoding"),
+            "correlation_id": delivery.correlation_id,
+            "reply_to": delivery.reply_to,
+        })
+        with self.store.write() as conn:
+            conn.execute(
+                "INSERT INTO dead (queue, body, props, exception, reason, dead_at, worker) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (delivery.queue, delivery.body, props, exc_type, reason,
+                 datetime.now(timezone.utc).isoformat(), worker),
+            )
+            if reply is not None:
+                self._reply_row(conn, delivery, reply)
+            self._release(conn, delivery)
+        self._done(delivery, reply)
+        return self.broker.dead_letter_name(delivery.queue)
+
+    def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
+        with self.store.write() as conn:
+            conn.execute(INSERT_MESSAGE, message_row(envelope, time.time()))
+            if reply is not None:
+                self._reply_row(conn, delivery, reply)
+            self._release(conn, delivery)
+        self._done(delivery, reply, envelope.queue)
+
+    def requeue_lost(self, delivery: Delivery) -> None:
+        with self.store.write() as conn:
+            conn.execute("UPDATE messages SET holder = NULL, lost = lost + 1 "
+                         "WHERE id = ? AND holder = ?", (delivery.tag, self.holder))
+        self._done(delivery, None, delivery.queue)
+
+    def lost_runs(self, delivery: Delivery) -> int:
+        return int(delivery.properties.get("lost") or 0)
+
+    def run_record(self, delivery: Delivery) -> bytes:
+        return str(self.holder).encode()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def drop(self) -> None:
+        self.close()

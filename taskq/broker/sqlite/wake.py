@@ -1,0 +1,114 @@
+"""Waking whoever waits for a queue: one Unix datagram per waiter, no polling interval.
+
+Every process that waits (a slot for its queues, a client for its reply queue) binds a
+datagram socket of its own and lists it under each queue it waits for: a directory per queue
+beside the database, holding a link to the socket per waiter. Whoever commits a message sends
+one byte to each link of that queue; the waiter polls its socket with its other descriptors,
+so a task sent to an idle worker starts within about a millisecond. A waiter looks for work
+after it is listed and before it sleeps, so a message is never missed between the two; a
+dead waiter's link answers "connection refused" and is removed by the sender. Waiters still
+look every few seconds (:data:`FALLBACK`), in case a datagram could not be sent (a full
+buffer, another user's directory).
+
+Socket paths are limited to about 100 bytes: when the database's path is too long for that,
+the directory lives under the temporary directory instead, named after the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import socket
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+#: How often a waiter looks even when nobody woke it (seconds).
+FALLBACK = 2.0
+_MAX_SOCKET_PATH = 100
+
+
+def wake_dir(database: Path) -> Path:
+    beside = Path(f"{database}-taskq") / "wake"
+    if len(str(beside)) + 40 < _MAX_SOCKET_PATH:
+        return beside
+    digest = hashlib.sha256(str(database).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"taskq-{os.getuid()}" / digest / "wake"
+
+
+def queue_key(queue: str) -> str:
+    return hashlib.sha256(queue.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class Waker:
+    """Sends the wake-ups (one per process; thread-safe: one sendto per datagram)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+
+    def wake(self, queues: Iterable[str]) -> None:
+        for queue in set(queues):
+            try:
+                entries = list(os.scandir(self.directory / queue_key(queue)))
+            except OSError:
+                continue  # nobody has ever waited for it
+            for entry in entries:
+                try:
+                    self._sock.sendto(b"\0", entry.path)
+                except BlockingIOError:
+                    pass  # its buffer is full: it is awake already
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)  # its waiter is gone
+
+
+class Listener:
+    """One waiter's socket, listed under each of its queues."""
+
+    def __init__(self, directory: Path, queues: Iterable[str], name: str) -> None:
+        self.directory = directory
+        (directory / "s").mkdir(parents=True, exist_ok=True)
+        self.path = directory / "s" / name
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.setblocking(False)
+        self.links: list[Path] = []
+        for queue in queues:
+            self.listen(queue)
+
+    def listen(self, queue: str) -> None:
+        folder = self.directory / queue_key(queue)
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / self.path.name
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(self.path)
+        self.links.append(link)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def clear(self) -> bool:
+        """Read every wake-up waiting; whether there was any."""
+        woken = False
+        while True:
+            try:
+                self.sock.recv(64)
+            except OSError:
+                return woken
+            woken = True
+
+    def close(self) -> None:
+        for link in self.links:
+            with contextlib.suppress(OSError):
+                link.unlink()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self.sock.close()

@@ -1,7 +1,8 @@
-"""taskq: a simple, fast distributed task queue on RabbitMQ that keeps its promises under failure.
+"""taskq: a simple, fast task queue that keeps its promises under failure, on one machine with
+nothing installed (its embedded broker) or on many with RabbitMQ.
 
 >>> from taskq import App
->>> app = App()                 # broker URL from $TASKQ_BROKER_URL
+>>> app = App()                 # $TASKQ_BROKER_URL, else the embedded sqlite:///taskq.db
 >>> @app.task
 ... def add(x, y):
 ...     return x + y

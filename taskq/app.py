@@ -27,7 +27,8 @@ log = logging.getLogger("taskq")
 class App:
     """A taskq application: where tasks are registered and how they reach the broker.
 
-    ``App()`` reads the broker URL from ``$TASKQ_BROKER_URL`` (default: a local RabbitMQ).
+    ``App()`` reads the broker URL from ``$TASKQ_BROKER_URL`` (default: the embedded broker,
+    ``sqlite:///taskq.db`` in the working directory; ``amqp://...`` for RabbitMQ).
     Other settings are keyword arguments (see :class:`taskq.Config`). Nothing connects until
     the first task is sent, so creating an App at import time is cheap and fork-safe.
     """

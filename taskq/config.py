@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
-DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
+#: The embedded broker, in the working directory: nothing to install or start.
+DEFAULT_BROKER_URL = "sqlite:///taskq.db"
 BROKER_URL_ENV = "TASKQ_BROKER_URL"
 
 SERIALIZERS = ("json", "pickle")
@@ -21,7 +22,7 @@ class Config:
     """Everything an :class:`~taskq.App` can be told, with safe defaults.
 
     Pass fields as keyword arguments to ``App(...)``; the broker URL defaults to
-    ``$TASKQ_BROKER_URL``, then to a local RabbitMQ.
+    ``$TASKQ_BROKER_URL``, then to the embedded broker in ``./taskq.db``.
     """
 
     broker_url: str = DEFAULT_BROKER_URL

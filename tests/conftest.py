@@ -40,12 +40,17 @@ NO_RABBIT = "RabbitMQ is not reachable"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "rabbitmq: about RabbitMQ itself: runs on it only")
+    config.addinivalue_line("markers", "embedded: about the embedded broker: runs on it only")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "broker_kind" in metafunc.fixturenames:
-        only_rabbit = metafunc.definition.get_closest_marker("rabbitmq") is not None
-        kinds = ["rabbitmq"] if only_rabbit else list(KINDS)
+        if metafunc.definition.get_closest_marker("rabbitmq") is not None:
+            kinds = ["rabbitmq"]
+        elif metafunc.definition.get_closest_marker("embedded") is not None:
+            kinds = ["sqlite"]
+        else:
+            kinds = list(KINDS)
         metafunc.parametrize("broker_kind", kinds, scope="session")
 
 

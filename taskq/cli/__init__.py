@@ -12,12 +12,13 @@ from .worker import worker
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="taskq")
 def main() -> None:
-    """taskq: a distributed task queue on RabbitMQ.
+    """taskq: a task queue, embedded (one machine, nothing to install) or on RabbitMQ.
 
     \b
     Start a worker for the tasks of tasks.py:
         taskq worker -A tasks:app -c 4
-    The broker URL comes from the App (default: $TASKQ_BROKER_URL).
+    The broker URL comes from the App: its argument, else $TASKQ_BROKER_URL, else the
+    embedded broker in ./taskq.db (sqlite:///taskq.db).
     """
 
 

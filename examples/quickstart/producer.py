@@ -8,7 +8,7 @@ import taskq
 
 
 def main() -> None:
-    result = add.delay(2, 3)  # returns once RabbitMQ has stored the message
+    result = add.delay(2, 3)  # returns once the broker has stored the message
     print(f"add(2, 3) = {result.get(timeout=10)}")
 
     results = [add.delay(i, i) for i in range(10)]  # many in flight at once

@@ -2,7 +2,8 @@
 
     python examples/quickstart/run.py
 
-Needs RabbitMQ on localhost:5672 (or $TASKQ_BROKER_URL); see the README.
+Nothing to install or start: the tasks use the embedded broker (./taskq.db beside them) unless
+$TASKQ_BROKER_URL names another, e.g. amqp://guest:guest@localhost:5672// for RabbitMQ.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> int:
     try:
         time.sleep(0.5)
         if worker.poll() is not None:
-            print("the worker did not start (is RabbitMQ running?)", file=sys.stderr)
+            print("the worker did not start (see its error above)", file=sys.stderr)
             return 1
         producer = subprocess.run([sys.executable, "producer.py"], cwd=HERE, timeout=120)
         return producer.returncode

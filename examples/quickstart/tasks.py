@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from taskq import App
 
-app = App()  # broker URL from $TASKQ_BROKER_URL, else amqp://guest:guest@localhost:5672//
+app = App()  # $TASKQ_BROKER_URL, else the embedded broker in ./taskq.db (no server needed)
 
 
 @app.task

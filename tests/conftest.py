@@ -186,7 +186,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 
 
 @pytest.fixture
-def memory_alarm() -> Iterator[Callable[[bool], None]]:
+def memory_alarm(broker: Broker) -> Iterator[Callable[[bool], None]]:
     """Switch RabbitMQ's memory alarm on and off (a tiny high watermark); always off after."""
 
     def alarm(on: bool) -> None:

@@ -82,7 +82,7 @@ def test_broker_url_comes_from_argument_then_environment(monkeypatch: pytest.Mon
     assert App("amqp://x@arg//").config.broker_url == "amqp://x@arg//"
     assert App().config.display_url == "amqp://u:****@from-env:5672/v"
     monkeypatch.delenv("TASKQ_BROKER_URL")
-    assert App().config.broker_url == "amqp://guest:guest@localhost:5672//"
+    assert App().config.broker_url == "sqlite:///taskq.db"  # the embedded broker
 
 
 def test_module_level_task_decorator_uses_a_default_app_from_the_environment(

@@ -308,7 +308,7 @@ def test_a_connection_lost_before_the_ack_runs_the_task_elsewhere_and_the_caller
 
 
 @pytest.fixture
-def short_consumer_timeout() -> Iterator[None]:
+def short_consumer_timeout(broker: Broker) -> Iterator[None]:
     """RabbitMQ's consumer_timeout (30 min by default), shortened to 2s for new channels."""
     rabbitmqctl("eval", "application:set_env(rabbit, channel_tick_interval, 500).")
     rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 2000).")

@@ -117,8 +117,10 @@ class SqliteClient(ClientLink):
         if not woken and time.monotonic() < self.readiness.next_look:
             return
         self.readiness.next_look = time.monotonic() + FALLBACK
-        if not self.store.read("SELECT 1 FROM replies WHERE queue = ? LIMIT 1", (self._queue,)):
-            return
+        if not woken and not self.store.read(
+            "SELECT 1 FROM replies WHERE queue = ? LIMIT 1", (self._queue,)
+        ):
+            return  # a look without a wake-up: don't take the write lock for nothing
         with self.store.write() as conn:
             rows = conn.execute(
                 "DELETE FROM replies WHERE queue = ? RETURNING body, props", (self._queue,)

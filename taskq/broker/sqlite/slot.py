@@ -101,18 +101,26 @@ class SqliteSlot(SlotLink):
             self._next_due = earliest
             return
         with self.store.write() as conn:
-            for step in range(len(self.queues)):
-                queue = self.queues[(self._turn + step) % len(self.queues)]
-                row = conn.execute(CLAIM, (self.holder, queue, now)).fetchone()
-                if row is not None:
-                    self._turn = (self._turn + step + 1) % len(self.queues)
-                    break
-        if row is None:
+            taken = self._take(conn, now)
+        self._hand_over(taken)
+
+    def _take(self, conn: sqlite3.Connection, now: float) -> tuple[str, Any] | None:
+        """Claim the next due message of our queues, in turn (in the caller's transaction)."""
+        for step in range(len(self.queues)):
+            queue = self.queues[(self._turn + step) % len(self.queues)]
+            row = conn.execute(CLAIM, (self.holder, queue, now)).fetchone()
+            if row is not None:
+                self._turn = (self._turn + step + 1) % len(self.queues)
+                self._held = row[0]
+                return queue, row
+        return None
+
+    def _hand_over(self, taken: tuple[str, Any] | None) -> None:
+        if taken is None:
             return
         self._next_due = None
-        message_id, body, props_text, deliveries, lost = row
+        queue, (message_id, body, props_text, deliveries, lost) = taken
         props = decode_props(props_text)
-        self._held = message_id
         self._on_delivery(Delivery(
             body=body,
             content_type=props.get("content_type"),
@@ -155,26 +163,35 @@ class SqliteSlot(SlotLink):
             (delivery.reply_to, reply.body, props, delivery.reply_to),
         )
 
-    def _release(self, conn: sqlite3.Connection, delivery: Delivery) -> None:
+    def _release(self, conn: sqlite3.Connection, delivery: Delivery) -> tuple[str, Any] | None:
+        """Let the held message go; claim the next one in the same commit (as a broker pushes
+        the next after an ack), unless paused."""
         conn.execute("DELETE FROM messages WHERE id = ? AND holder = ?",
                      (delivery.tag, self.holder))
-
-    def _done(self, delivery: Delivery, reply: Reply | None, *queues: str) -> None:
         self._held = None
+        return self._take(conn, time.time()) if self._active else None
+
+    def _done(self, taken: tuple[str, Any] | None, woken: list[str]) -> None:
+        if woken:
+            self.broker.waker.wake(woken)
+        if taken is not None:
+            self._hand_over(taken)
+        elif self._active:
+            self._next_due = None
+            self._claim()  # nothing was due then: when is something?
+
+    def _woken(self, delivery: Delivery, reply: Reply | None, *queues: str) -> list[str]:
         woken = list(queues)
         if reply is not None and delivery.reply_to:
             woken.append(delivery.reply_to)
-        if woken:
-            self.broker.waker.wake(woken)
-        if self._active:
-            self._claim()  # the next one at once, as a broker pushes it after an ack
+        return woken
 
     def settle(self, delivery: Delivery, reply: Reply | None) -> None:
         with self.store.write() as conn:
             if reply is not None:
                 self._reply_row(conn, delivery, reply)
-            self._release(conn, delivery)
-        self._done(delivery, reply)
+            taken = self._release(conn, delivery)
+        self._done(taken, self._woken(delivery, reply))
 
     def reply(self, delivery: Delivery, reply: Reply) -> None:
         with self.store.write() as conn:
@@ -201,8 +218,8 @@ class SqliteSlot(SlotLink):
             )
             if reply is not None:
                 self._reply_row(conn, delivery, reply)
-            self._release(conn, delivery)
-        self._done(delivery, reply)
+            taken = self._release(conn, delivery)
+        self._done(taken, self._woken(delivery, reply))
         return self.broker.dead_letter_name(delivery.queue)
 
     def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
@@ -210,14 +227,16 @@ class SqliteSlot(SlotLink):
             conn.execute(INSERT_MESSAGE, message_row(envelope, time.time()))
             if reply is not None:
                 self._reply_row(conn, delivery, reply)
-            self._release(conn, delivery)
-        self._done(delivery, reply, envelope.queue)
+            taken = self._release(conn, delivery)
+        self._done(taken, self._woken(delivery, reply, envelope.queue))
 
     def requeue_lost(self, delivery: Delivery) -> None:
         with self.store.write() as conn:
             conn.execute("UPDATE messages SET holder = NULL, lost = lost + 1 "
                          "WHERE id = ? AND holder = ?", (delivery.tag, self.holder))
-        self._done(delivery, None, delivery.queue)
+            self._held = None
+            taken = self._take(conn, time.time()) if self._active else None
+        self._done(taken, [delivery.queue])
 
     def lost_runs(self, delivery: Delivery) -> int:
         return int(delivery.properties.get("lost") or 0)

@@ -258,7 +258,8 @@ class Store:
         delay = 0.001
         while True:
             remaining = deadline - time.monotonic()
-            conn.execute(f"PRAGMA busy_timeout={max(1, int(remaining * 1000))}")
+            if remaining < self.timeout - 1.0:  # shorter than the connection's own (timeout=)
+                conn.execute(f"PRAGMA busy_timeout={max(1, int(remaining * 1000))}")
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 break
@@ -279,6 +280,9 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise self._unavailable(exc) from exc
+        finally:
+            if remaining < self.timeout - 1.0:
+                conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
 
     @contextlib.contextmanager
     def write(self, deadline: float | None = None) -> Iterator[sqlite3.Connection]:

@@ -1,4 +1,8 @@
-"""The shared RabbitMQ: one vhost per system per run, and facts about queues from the broker."""
+"""The shared RabbitMQ: one vhost per system per run, and facts about queues from the broker.
+
+A :class:`Vhost` is one kind of *place* (see ``places.py``): where a system's messages live
+for the run. The embedded systems' places are files (``embedded.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import amqp
+
+if TYPE_CHECKING:
+    from .places import Worker
 
 HOST = "127.0.0.1"
 PORT = 5672
@@ -67,6 +74,8 @@ class Vhost:
     name: str
     created: bool = False
     _admin: amqp.Connection | None = field(default=None, repr=False)
+    #: RabbitMQ is needed, and its node's CPU is part of what a task costs.
+    needs_rabbitmq = True
 
     @property
     def url(self) -> str:
@@ -158,6 +167,19 @@ class Vhost:
 
     def wait_no_consumers(self, queue: str, timeout: float = 30) -> None:
         wait_for(lambda: self.consumers(queue) == 0, timeout, f"no consumers on {queue}")
+
+    # -- the place surface (places.Place) ----------------------------------------------------
+
+    def wait_ready(self, queue: str, slots: int, worker: Worker, timeout: float) -> None:
+        """Up when the broker shows the worker's consumers on the queue."""
+        self.wait_consumers(queue, slots, timeout, worker.check_alive)
+
+    def wait_stopped(self, queue: str) -> None:
+        """A stopped worker's connections may close a moment after it exits."""
+        self.wait_no_consumers(queue)
+
+    def describe(self) -> str:
+        return f"RabbitMQ vhost {self.name}"
 
     def server_version(self) -> str:
         self._channel().close()

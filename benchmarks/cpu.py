@@ -63,17 +63,23 @@ class Snapshot:
 
 
 class CpuMeter:
-    def __init__(self) -> None:
-        self.broker_pid = broker_pid()
+    """``rabbitmq``: whether any system of the run uses it (else its node is not looked up,
+    and whatever it does counts as other processes' CPU)."""
 
-    def split(self, worker_pid: int) -> dict[str, float]:
-        """CPU seconds so far of this process (all threads), the worker tree and the broker."""
+    def __init__(self, rabbitmq: bool = True) -> None:
+        self.broker_pid = broker_pid() if rabbitmq else None
+
+    def split(self, worker_pid: int, broker: bool = True) -> dict[str, float]:
+        """CPU seconds so far of this process (all threads), the worker tree and (``broker``:
+        the system is on RabbitMQ) the broker. An embedded system has no broker process."""
         times = os.times()
-        return {
+        split = {
             "client": times.user + times.system,
             "worker": sum(process_cpu_s(pid) for pid in tree(worker_pid)),
-            "broker": process_cpu_s(self.broker_pid),
         }
+        if broker:
+            split["broker"] = process_cpu_s(self.broker_pid)
+        return split
 
     def snapshot(self) -> Snapshot:
         return Snapshot(time.monotonic(), machine_busy_s(), own_s(), process_cpu_s(self.broker_pid))

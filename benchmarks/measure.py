@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .broker import Vhost
+from .places import Place
 from .procs import WorkerProcess, tree_memory
 from .systems import Client, Result, System
 
@@ -34,22 +34,21 @@ def check(result: Result, expected: int) -> None:
 # -- with a worker running ------------------------------------------------------------------------
 
 
-def start_worker(system: System, vhost: Vhost, queue: str, log_path: Path) -> WorkerProcess:
-    argv = system.worker_argv(vhost.url, queue)
-    return WorkerProcess(argv, system.worker_env(vhost.url), log_path)
+def start_worker(system: System, place: Place, queue: str, log_path: Path) -> WorkerProcess:
+    argv = system.worker_argv(place.url, queue)
+    return WorkerProcess(argv, system.worker_env(place.url), log_path)
 
 
-def wait_ready(system: System, vhost: Vhost, queue: str, worker: WorkerProcess) -> None:
-    at_least = system.consumers_when_ready
-    vhost.wait_consumers(queue, at_least, STARTUP_TIMEOUT, worker.check_alive)
+def wait_ready(system: System, place: Place, queue: str, worker: WorkerProcess) -> None:
+    place.wait_ready(queue, system.ready_count, worker, STARTUP_TIMEOUT)
 
 
 def startup(
-    system: System, client: Client, vhost: Vhost, queue: str, log_path: Path
+    system: System, client: Client, place: Place, queue: str, log_path: Path
 ) -> tuple[WorkerProcess, float]:
     """Spawn the worker and send one task at once; seconds until its result is back."""
     started = time.perf_counter()
-    worker = start_worker(system, vhost, queue, log_path)
+    worker = start_worker(system, place, queue, log_path)
     result = client.delay(1, 1)
     deadline = started + STARTUP_TIMEOUT
     while True:
@@ -85,8 +84,8 @@ def round_trips(client: Client, calls: int, warmup: int) -> dict[str, float]:
 def throughput(client: Client, tasks: int, cpu: Callable[[], dict[str, float]]) -> dict[str, float]:
     """All ``delay`` calls, then all ``get``s: tasks per second end to end.
 
-    ``cpu()`` gives CPU seconds used so far by the client, the worker and the broker:
-    reported as microseconds per task.
+    ``cpu()`` gives CPU seconds used so far by the client, the worker and the broker (if the
+    system has one): reported as microseconds per task, and their total.
     """
     cpu_before = cpu()
     started = time.perf_counter()
@@ -102,6 +101,7 @@ def throughput(client: Client, tasks: int, cpu: Callable[[], dict[str, float]]) 
     }
     for side, seconds in cpu_after.items():
         figures[f"cpu_us_{side}"] = (seconds - cpu_before[side]) / tasks * 1e6
+    figures["cpu_us_total"] = sum(figures[f"cpu_us_{side}"] for side in cpu_after)
     return figures
 
 

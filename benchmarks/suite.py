@@ -1,4 +1,8 @@
-"""One benchmark run: every system on the same broker, in alternating rounds."""
+"""One benchmark run: every system on the same machine, in alternating rounds.
+
+The RabbitMQ systems get a vhost each on the local broker, the embedded ones a fresh file
+each (places.py); a run of embedded systems only never touches RabbitMQ.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import os
 import platform
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from . import measure, report
-from .broker import Vhost
 from .cpu import CpuMeter
+from .places import Place
 from .procs import ROOT, WorkerProcess, kill_all
-from .systems import SLOTS, SYSTEMS, Client, System
+from .systems import HUEY_POLL, SLOTS, SYSTEMS, Client, System, make_systems
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUEUE = "bench"
@@ -58,10 +63,10 @@ ENQUEUE_BLOCK = 100
 
 @dataclass
 class Bench:
-    """One system's live state for the run: its vhost and a connected client."""
+    """One system's live state for the run: its place and a connected client."""
 
     system: System
-    vhost: Vhost
+    place: Place
     client: Client | None = None
 
     @property
@@ -80,19 +85,19 @@ def say(message: str) -> None:
 
 
 def open_bench(bench: Bench) -> None:
-    bench.vhost.create()
+    bench.place.create()
     connect_client(bench)
 
 
 def connect_client(bench: Bench) -> None:
-    bench.client = bench.system.client(bench.vhost.url, QUEUE)
+    bench.client = bench.system.client(bench.place.url, QUEUE)
     bench.client.delay(0, 0)  # connect, declare the queue and the reply queue...
-    bench.vhost.purge(QUEUE)  # ...and drop that task: no worker will see it
+    bench.place.purge(QUEUE)  # ...and drop that task: no worker will see it
 
 
 def close_bench(bench: Bench) -> None:
     close_client(bench)
-    bench.vhost.delete()
+    bench.place.delete()
 
 
 def close_client(bench: Bench) -> None:
@@ -108,7 +113,7 @@ def recover(benches: list[Bench], exc: BaseException) -> None:
     kill_all()
     for bench in benches:
         close_client(bench)
-        bench.vhost.wait_reachable()
+        bench.place.wait_reachable()
         connect_client(bench)
 
 
@@ -121,11 +126,11 @@ def repeat_if_broker_restarts(
         try:
             figures = phase()
         except Exception as exc:
-            if attempt == BROKER_RESTARTS or not bench.vhost.connection_lost():
+            if attempt == BROKER_RESTARTS or not bench.place.connection_lost():
                 raise
             recover(benches, exc)
             continue
-        if bench.vhost.connection_lost():  # restarted in the last moment: still void
+        if bench.place.connection_lost():  # restarted in the last moment: still void
             recover(benches, RuntimeError("admin connection lost"))
             continue
         figures["broker_restarts"] = attempt
@@ -135,7 +140,7 @@ def repeat_if_broker_restarts(
 
 def stop_worker(bench: Bench, worker: WorkerProcess) -> None:
     worker.stop()
-    bench.vhost.wait_no_consumers(QUEUE)
+    bench.place.wait_stopped(QUEUE)
 
 
 # -- phases ---------------------------------------------------------------------------------------
@@ -143,36 +148,36 @@ def stop_worker(bench: Bench, worker: WorkerProcess) -> None:
 
 def run_round(bench: Bench, sizes: Sizes, round_no: int, meter: CpuMeter) -> dict[str, Any]:
     """Start-up, latency and throughput with a worker; then enqueue rates without one."""
-    client, vhost = bench.client, bench.vhost
+    client, place = bench.client, bench.place
     assert client is not None
-    vhost.purge(QUEUE)
+    place.purge(QUEUE)
     log_path = bench.log_path(f"r{round_no}")
-    worker, startup_s = measure.startup(bench.system, client, vhost, QUEUE, log_path)
+    worker, startup_s = measure.startup(bench.system, client, place, QUEUE, log_path)
     figures: dict[str, Any] = {"round": round_no, "system": bench.name, "startup_s": startup_s}
     try:
-        measure.wait_ready(bench.system, vhost, QUEUE, worker)
+        measure.wait_ready(bench.system, place, QUEUE, worker)
         memory = measure.worker_memory(worker)
         figures["idle_rss_mb"], figures["idle_pss_mb"] = memory["rss_mb"], memory["pss_mb"]
         figures.update(measure.round_trips(client, sizes.round_trips, sizes.warmup))
-        cpu = functools.partial(meter.split, worker.pid)
+        cpu = functools.partial(meter.split, worker.pid, broker=place.needs_rabbitmq)
         figures.update(measure.throughput(client, sizes.throughput, cpu))
     finally:
         stop_worker(bench, worker)
     figures["enqueue_per_s"] = measure.enqueue_rate(client, sizes.enqueue)
-    vhost.purge(QUEUE)
+    place.purge(QUEUE)
     figures["bulk_per_s"] = measure.bulk_rate(client, sizes.bulk)
-    vhost.purge(QUEUE)
+    place.purge(QUEUE)
     return figures
 
 
 def memory_phase(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     """One worker: memory after start-up and one task, then after ``memory_tasks`` more."""
-    client, vhost = bench.client, bench.vhost
+    client, place = bench.client, bench.place
     assert client is not None
-    vhost.purge(QUEUE)
-    worker, _ = measure.startup(bench.system, client, vhost, QUEUE, bench.log_path("memory"))
+    place.purge(QUEUE)
+    worker, _ = measure.startup(bench.system, client, place, QUEUE, bench.log_path("memory"))
     try:
-        measure.wait_ready(bench.system, vhost, QUEUE, worker)
+        measure.wait_ready(bench.system, place, QUEUE, worker)
         idle = measure.worker_memory(worker)
         started = time.perf_counter()
         measure.run_tasks(client, sizes.memory_tasks)
@@ -194,19 +199,19 @@ def interleaved_phase(benches: list[Bench], sizes: Sizes) -> dict[str, dict[str,
     """Round trips and single enqueues of all systems, alternating in small blocks.
 
     Every system's worker runs (idle while another system is measured), each on its own
-    vhost; then no worker runs, for the enqueues. {metric: {system: value}}.
+    place; then no worker runs, for the enqueues. {metric: {system: value}}.
     """
     clients = {bench.name: bench.client for bench in benches}
     assert all(clients.values())
     workers = []
     try:
         for bench in benches:
-            bench.vhost.purge(QUEUE)
-            worker = measure.start_worker(bench.system, bench.vhost, QUEUE,
+            bench.place.purge(QUEUE)
+            worker = measure.start_worker(bench.system, bench.place, QUEUE,
                                           bench.log_path("interleaved"))
             workers.append((bench, worker))
         for bench, worker in workers:
-            measure.wait_ready(bench.system, bench.vhost, QUEUE, worker)
+            measure.wait_ready(bench.system, bench.place, QUEUE, worker)
         trips = measure.interleaved_round_trips(
             clients, sizes.interleaved_round_trips, RT_BLOCK, sizes.warmup)  # type: ignore[arg-type]
     finally:
@@ -215,7 +220,7 @@ def interleaved_phase(benches: list[Bench], sizes: Sizes) -> dict[str, dict[str,
     enqueue = measure.interleaved_enqueue(clients, sizes.interleaved_enqueue,  # type: ignore[arg-type]
                                           ENQUEUE_BLOCK)
     for bench in benches:
-        bench.vhost.purge(QUEUE)
+        bench.place.purge(QUEUE)
     return {
         "rt_p50_ms": {name: t["rt_p50_ms"] for name, t in trips.items()},
         "rt_p99_ms": {name: t["rt_p99_ms"] for name, t in trips.items()},
@@ -238,7 +243,7 @@ def run_all(
     benches: list[Bench], sizes: Sizes
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """Rounds alternate the systems (A B C A B C ...) so drift shows in every system."""
-    meter = CpuMeter()
+    meter = CpuMeter(rabbitmq=any(bench.place.needs_rabbitmq for bench in benches))
     rounds = []
     for round_no in range(1, sizes.rounds + 1):
         for bench in benches:
@@ -273,8 +278,8 @@ def run_all(
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    found = {"python": platform.python_version()}
-    for package in ("taskq", "celery", "kombu", "amqp"):
+    found = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    for package in ("taskq", "celery", "kombu", "amqp", "huey"):
         try:
             found[package] = version(package)
         except Exception:
@@ -292,15 +297,23 @@ def git_revision() -> str:
     return (git("rev-parse", "--short", "HEAD") or "?") + dirty
 
 
-def meta(sizes: Sizes, systems: list[System], rabbitmq: str, run_id: str) -> dict[str, Any]:
+def rabbitmq_version(benches: list[Bench]) -> str:
+    on_rabbitmq = [bench.place for bench in benches if bench.place.needs_rabbitmq]
+    return on_rabbitmq[0].server_version() if on_rabbitmq else "not used"  # type: ignore[attr-defined]
+
+
+def meta(benches: list[Bench], sizes: Sizes, run_id: str, huey_poll: float) -> dict[str, Any]:
+    systems = [bench.system for bench in benches]
     return {
         "run_id": run_id,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "systems": [s.name for s in systems],
+        "places": {bench.name: bench.place.describe() for bench in benches},
         "bulk_methods": {s.name: s.bulk_method for s in systems},
+        "huey_poll_s": huey_poll if "huey" in [s.name for s in systems] else None,
         "slots": SLOTS,
         "sizes": dataclasses.asdict(sizes),
-        "rabbitmq": rabbitmq,
+        "rabbitmq": rabbitmq_version(benches),
         "cpus": os.cpu_count(),
         "loadavg_at_start": os.getloadavg(),
         "git": git_revision(),
@@ -311,12 +324,17 @@ def meta(sizes: Sizes, systems: list[System], rabbitmq: str, run_id: str) -> dic
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/run.py",
-        description="taskq vs a bare py-amqp floor vs Celery, on the local RabbitMQ.",
+        description="taskq on its embedded broker and on RabbitMQ, vs a bare py-amqp floor, "
+        "Celery and Huey, on this machine.",
     )
     parser.add_argument("--quick", action="store_true", help="a small smoke run (< 1 minute)")
     parser.add_argument("--rounds", type=int, help="rounds of the per-round metrics")
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS)
+    )
+    parser.add_argument(
+        "--huey-poll", type=float, default=HUEY_POLL, metavar="SECONDS",
+        help=f"Huey's polling interval, consumer and result (default {HUEY_POLL})",
     )
     parser.add_argument(
         "--output", type=Path, default=RESULTS / "latest.json", help="where the JSON goes"
@@ -337,19 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.rounds:
         sizes = dataclasses.replace(sizes, rounds=args.rounds)
-    systems = [SYSTEMS[name] for name in args.systems.split(",")]
+    known = make_systems(args.huey_poll)
+    systems = [known[name] for name in args.systems.split(",")]
     run_id = uuid.uuid4().hex[:8]
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     benches: list[Bench] = []
     try:
         for system in systems:
-            benches.append(Bench(system, Vhost(f"bench-{system.name}-{run_id}")))
+            benches.append(Bench(system, system.place(f"bench-{system.name}-{run_id}")))
             open_bench(benches[-1])
-        info = meta(sizes, systems, benches[0].vhost.server_version(), run_id)
+        info = meta(benches, sizes, run_id, args.huey_poll)
         rounds, memory, interleaved = run_all(benches, sizes)
     except KeyboardInterrupt:
-        say("interrupted: stopping workers and deleting vhosts")
+        say("interrupted: stopping workers, deleting vhosts and files")
         return 130
     finally:
         kill_all()
@@ -362,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratios": report.ratios(summary), "interleaved": interleaved,
               "interleaved_ratios": report.ratios(
                   {k: v for k, v in interleaved.items() if isinstance(v, dict)})}  # fmt: skip
+    result["targets"] = [dataclasses.asdict(target) for target in report.targets(result)]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     say("\n" + report.render(result) + f"\n\nJSON: {args.output}")

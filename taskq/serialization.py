@@ -2,17 +2,21 @@
 
 JSON here is kombu's flavour (the one Celery speaks): datetimes, dates, times, Decimals, UUIDs
 and bytes travel as ``{"__type__": ..., "__value__": ...}`` envelopes and come back as
-themselves, so values round-trip the same through a Celery peer.
+themselves, so values round-trip the same through a Celery peer. taskq writes and reads that
+flavour itself (byte for byte kombu's, a test says so), so that a process on the embedded
+broker never loads kombu.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
+import uuid
+from collections.abc import Callable
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any
-
-from kombu.utils.json import JSONEncoder as _KombuJSONEncoder
-from kombu.utils.json import object_hook as _kombu_object_hook
 
 from .errors import ContentDisallowed, DecodeError, EncodeError
 
@@ -21,7 +25,55 @@ PICKLE_CONTENT_TYPE = "application/x-python-serialize"
 CONTENT_TYPES = {"json": JSON_CONTENT_TYPE, "pickle": PICKLE_CONTENT_TYPE}
 SERIALIZER_FOR = {v: k for k, v in CONTENT_TYPES.items()}
 
-_json_default = _KombuJSONEncoder().default
+
+def _envelope(marker: str, value: Any) -> dict[str, Any]:
+    return {"__type__": marker, "__value__": value}
+
+
+def _json_default(value: Any) -> Any:
+    """What JSON can't carry itself, as kombu writes it (``__json__`` first, as kombu does)."""
+    reducer = getattr(value, "__json__", None)
+    if reducer is not None:
+        return reducer()
+    if isinstance(value, datetime):  # before date: a datetime is a date
+        return _envelope("datetime", value.isoformat())
+    if isinstance(value, date):
+        return _envelope("date", value.isoformat())
+    if isinstance(value, time):
+        return _envelope("time", value.isoformat())
+    if isinstance(value, Decimal):
+        return _envelope("decimal", str(value))
+    if isinstance(value, uuid.UUID):
+        return _envelope("uuid", {"hex": value.hex})
+    if isinstance(value, bytes):
+        try:
+            return _envelope("bytes", value.decode("utf-8"))
+        except UnicodeDecodeError:
+            return _envelope("base64", base64.b64encode(value).decode("ascii"))
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "datetime": datetime.fromisoformat,
+    "date": lambda text: datetime.fromisoformat(text).date(),
+    "time": time.fromisoformat,
+    "decimal": Decimal,
+    "uuid": lambda fields: uuid.UUID(**fields),
+    "bytes": lambda text: text.encode("utf-8"),
+    "base64": lambda text: base64.b64decode(text.encode("ascii")),
+}
+_ENVELOPE_KEYS = {"__type__", "__value__"}
+
+
+def _object_hook(obj: dict[str, Any]) -> Any:
+    if obj.keys() != _ENVELOPE_KEYS:
+        return obj
+    decoder = _DECODERS.get(obj["__type__"])
+    if decoder is None:
+        raise ValueError(f"unknown __type__ {obj['__type__']!r}")
+    return decoder(obj["__value__"])
+
+
 _encode_json = json.JSONEncoder(default=_json_default, separators=(",", ":")).encode
 _TYPE_MARKER = b'"__type__"'
 
@@ -55,7 +107,7 @@ def decode(content_type: str | None, body: bytes, accept: tuple[str, ...]) -> An
     try:
         if serializer == "json":
             if _TYPE_MARKER in body:
-                return json.loads(body, object_hook=_kombu_object_hook)
+                return json.loads(body, object_hook=_object_hook)
             return json.loads(body)
         return pickle.loads(body)
     except Exception as exc:

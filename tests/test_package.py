@@ -113,3 +113,18 @@ def test_tasks_keep_their_signature_for_type_checkers(tmp_path: Path) -> None:
     # Exactly one error: the deliberate wrong argument type on the last line.
     assert len(errors) == 1, result.stdout
     assert "usage.py:24" in errors[0] and "arg-type" in errors[0], result.stdout
+
+
+def test_the_embedded_broker_never_loads_kombu_or_amqp(tmp_path: Path) -> None:
+    """A client and a worker slot on sqlite:// import neither kombu nor py-amqp (they cost
+    every process ~50 ms and ~15 MiB): only the AMQP broker's package needs them."""
+    code = (
+        "import sys, taskq, taskq.cli, taskq.worker.slot\n"
+        f"app = taskq.App('sqlite:///{tmp_path}/q.db')\n"
+        "add = app.task(name='add')(lambda x, y: x + y)\n"
+        "add.delay(1, 2); app.close()\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('kombu', 'amqp'))\n"
+        "sys.exit(f'loaded: {loaded}' if loaded else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

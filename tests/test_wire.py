@@ -139,3 +139,49 @@ def test_table_types_py_amqp_never_writes_decode_the_same() -> None:
                           _entry(b"s", b"s", struct.pack(">h", -2)))  # RabbitMQ's int16
     assert decode_properties(raw, 0)[0]["application_headers"] == {
         "bad": b"\xff\xfe", "\\xff": None, "s": -2}
+
+
+_FLAVOURED = [
+    datetime(2026, 12, 2, 13, 0, 5, 123456, tzinfo=timezone.utc),
+    datetime(2026, 12, 2, 13, 0, 5),
+    datetime(2026, 12, 2).date(),
+    datetime(2026, 12, 2, 13, 0, 5, 7).time(),
+    Decimal("3.14159265358979323846"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    b"plain bytes",
+    b"\xff\xfe not utf-8",
+    {"nested": [Decimal("1.5"), {"when": datetime(2020, 1, 1, tzinfo=timezone.utc)}]},
+    {"__type__": "only one of the two keys"},
+]
+
+
+@pytest.mark.parametrize("value", _FLAVOURED, ids=lambda v: type(v).__name__)
+def test_json_is_encoded_exactly_as_kombu_encodes_it(value: object) -> None:
+    """taskq writes Celery's JSON flavour itself (no kombu on the embedded path): the bytes
+    must be kombu's, so a Celery peer reads them, and kombu's must read back the same."""
+    from kombu.utils import json as kombu_json
+
+    from taskq import serialization
+
+    ours = serialization.encode("json", value)
+    assert ours == kombu_json.dumps(value, separators=(",", ":")).encode()
+    assert serialization.decode("application/json", ours, ("json",)) == value
+    assert kombu_json.loads(ours) == value
+
+
+def test_an_object_with_a_json_reducer_is_sent_as_what_it_returns() -> None:
+    from taskq import serialization
+
+    class Point:
+        def __json__(self) -> list[int]:
+            return [1, 2]
+
+    assert serialization.encode("json", {"p": Point()}) == b'{"p":[1,2]}'
+
+
+def test_an_unknown_json_type_marker_is_a_decode_error() -> None:
+    from taskq import serialization
+
+    with pytest.raises(taskq.DecodeError, match="unknown __type__ 'frobnicator'"):
+        serialization.decode("application/json", b'{"__type__":"frobnicator","__value__":1}',
+                             ("json",))

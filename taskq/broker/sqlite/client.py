@@ -77,9 +77,8 @@ class SqliteClient(ClientLink):
 
     def publish(self, envelope: Envelope, deadline: float) -> None:
         self.broker.register_queues((envelope.queue,))
-        with self.store.write(deadline) as conn:
-            conn.execute(INSERT_MESSAGE, message_row(envelope, time.time()))
-        self.broker.waker.wake((envelope.queue,))
+        self.store.write_one(INSERT_MESSAGE, message_row(envelope, time.time()), deadline)
+        self.broker.waker.wake_one(envelope.queue)
 
     def publish_many(
         self, envelopes: Sequence[Envelope], deadline: float, confirmed: set[str]

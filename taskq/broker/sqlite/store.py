@@ -292,6 +292,29 @@ class Store:
             with self._transaction(conn, deadline or time.monotonic() + self.timeout):
                 yield conn
 
+    def write_one(self, sql: str, params: Any, deadline: float) -> None:
+        """One statement, its own transaction (SQLite's autocommit: atomic, and a busy file
+        is waited for as in :meth:`write`); cheaper than BEGIN ... COMMIT around it."""
+        delay = 0.001
+        with self._gate:
+            conn = self.connection()
+            while True:
+                remaining = deadline - time.monotonic()
+                short = remaining < self.timeout - 1.0
+                if short:
+                    conn.execute(f"PRAGMA busy_timeout={max(1, int(remaining * 1000))}")
+                try:
+                    conn.execute(sql, params)
+                    return
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc) or time.monotonic() >= deadline:
+                        raise self._unavailable(exc) from exc
+                finally:
+                    if short:
+                        conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
     def read(self, sql: str, params: Any = ()) -> list[Any]:
         deadline = time.monotonic() + self.timeout
         while True:

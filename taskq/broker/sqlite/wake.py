@@ -49,22 +49,37 @@ class Waker:
         self.directory = directory
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
+        self._folders: dict[str, str] = {}  # queue -> its folder's path (a hash to compute)
+
+    def _folder(self, queue: str) -> str:
+        folder = self._folders.get(queue)
+        if folder is None:
+            if len(self._folders) > 10_000:
+                self._folders.clear()  # reply queues come and go: keep the cache bounded
+            folder = self._folders[queue] = str(self.directory / queue_key(queue))
+        return folder
 
     def wake(self, queues: Iterable[str]) -> None:
         for queue in set(queues):
+            self.wake_one(queue)
+
+    def wake_one(self, queue: str) -> None:
+        """Wake every waiter for ``queue`` (what a publish of one message does)."""
+        try:
+            entries = list(os.scandir(self._folder(queue)))
+        except OSError:
+            return  # nobody has ever waited for it
+        for entry in entries:
             try:
-                entries = list(os.scandir(self.directory / queue_key(queue)))
-            except OSError:
-                continue  # nobody has ever waited for it
-            for entry in entries:
-                try:
-                    self._sock.sendto(b"\0", entry.path)
-                except BlockingIOError:
-                    pass  # its buffer is full: it is awake already
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
-                        with contextlib.suppress(OSError):
-                            os.unlink(entry.path)  # its waiter is gone
+                self._sock.sendto(b"\0", entry.path)
+            except BlockingIOError:
+                pass  # its buffer is full: it is awake already
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)  # its waiter is gone
+
+
 
 
 class Listener:

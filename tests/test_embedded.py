@@ -7,14 +7,18 @@ test there that takes ``broker`` runs on both.)
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +26,10 @@ import pytest
 import taskq
 from taskq import App
 from taskq.broker.sqlite.store import filesystem_type
+from taskq.broker.sqlite.wake import Waker, wake_dir
 
 from .apps import basic
-from .support import ROOT, SqliteBroker, WorkerProcess, lines, run_taskq, wait_for
+from .support import ROOT, SqliteBroker, WorkerProcess, lines, run_taskq, unique, wait_for
 
 pytestmark = pytest.mark.embedded
 
@@ -192,3 +197,195 @@ def test_a_reader_holding_a_long_transaction_blocks_nobody(
     finally:
         reader.kill()
         reader.wait()
+
+
+def _in_main_file(path: Path, queue: str) -> int:
+    """Messages of ``queue`` in the database file itself, not counting the write-ahead log."""
+    db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM messages WHERE queue = ?",
+                              (queue,)).fetchone()[0])
+    except sqlite3.DatabaseError:
+        return -1  # a page caught mid-copy: look again
+    finally:
+        db.close()
+
+
+def test_a_running_worker_checkpoints_the_log_so_no_sender_pays_for_it(
+        broker: SqliteBroker, make_app: Callable[..., App],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a worker running, what clients commit goes from the write-ahead log into the
+    database file within about a second: the worker checkpoints in the background (and
+    fsyncs then), so a sender's or a slot's commit never stops to do it."""
+    start_worker(concurrency=1)
+    tasks = basic.build(make_app())
+    with tasks.app.batch():
+        for i in range(20):
+            tasks.add.apply_async((i, i), queue="nobody-consumes-this")
+    assert _in_main_file(broker.path, "nobody-consumes-this") in (0, -1)  # all in the log
+    wait_for(lambda: _in_main_file(broker.path, "nobody-consumes-this") == 20, 10,
+             "the worker to checkpoint the 20 messages into the database file")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (pytest's tmp_path is already ~60 characters long)."""
+    directory = Path(tempfile.mkdtemp(prefix="tq", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("length", range(20, 141, 4))
+def test_a_wake_up_reaches_its_waiter_whatever_the_files_path_length(
+        short_dir: Path, length: int) -> None:
+    """Socket addresses are limited to 107 bytes: for a database at any path, a waiter's
+    socket and the links to it fit (or live under the temporary directory), so a wake-up is
+    delivered rather than dropped (which would leave a task waiting for the fallback look)."""
+    from taskq.broker.sqlite.wake import Listener
+
+    database = short_dir / ("d" * max(1, length - len(str(short_dir)) - 10)) / "taskq.db"
+    database.parent.mkdir()
+    folder = wake_dir(database)
+    listener = Listener(folder, ["some queue"], f"s-{2**63:x}-{2**47:x}")  # longest names
+    try:
+        Waker(folder).wake(["some queue"])
+        assert listener.clear(), f"no wake-up reached {listener.path} (database {database})"
+    finally:
+        listener.close()
+
+
+QUICK_APP = """
+from taskq import App
+from tests.apps import basic
+app = App(publish_timeout=1.0)
+tasks = basic.build(app)
+"""
+
+
+def _quick_app(tmp_path: Path) -> dict[str, str]:
+    """A worker app whose store gives up on a locked file after 1s (instead of 15s)."""
+    (tmp_path / "quick_app.py").write_text(QUICK_APP)
+    return {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
+
+
+def _messages(broker: SqliteBroker, queue: str) -> int:
+    db = sqlite3.connect(str(broker.path), timeout=30)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM messages WHERE queue = ?",
+                              (queue,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+def _within(predicate: Callable[[], object], timeout: float) -> bool:
+    try:
+        wait_for(predicate, timeout, "it")
+    except AssertionError:
+        return False
+    return True
+
+
+def test_a_settle_that_fails_gives_the_message_back_and_it_runs_once(
+        broker: SqliteBroker, queue: str, tmp_path: Path, make_app: Callable[..., App],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a slot whose settle fails (the file stayed locked longer than publish_timeout),
+    the slot drops its link and opens a new one: the message it held comes back (as on
+    RabbitMQ when a connection closes) and is settled without running again, while the
+    worker lives; a later clean restart finds nothing to run twice."""
+    worker = start_worker(app="quick_app:app", concurrency=1, env=_quick_app(tmp_path))
+    tasks = basic.build(make_app())
+    log, release = tmp_path / "runs", tmp_path / "release"
+    result = tasks.note_then_block.delay(str(log), "t", str(release))
+    wait_for(lambda: lines(log), 20, "the task to start")
+
+    lock = sqlite3.connect(str(broker.path), isolation_level=None, timeout=30)
+    lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    try:
+        release.touch()
+        wait_for(lambda: "BrokerUnavailable" in worker.log(), 20, "the settle to fail")
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert result.get(timeout=20) == "t"  # the stashed result is sent on the new link
+    settled = _within(lambda: _messages(broker, queue) == 0, 8)
+
+    worker.stop()  # warm: exit 0, no process died mid-task
+    start_worker(concurrency=1)
+    wait_for(lambda: _messages(broker, queue) == 0, 20, "the queue to be empty")
+    runs = len(lines(log)) // 3
+    assert settled and runs == 1, (
+        f"message settled while its worker lived: {settled}; runs of the task: {runs}")
+
+
+def test_busy_slots_never_stop_a_publisher_waking_an_idle_worker(
+        broker: SqliteBroker, queue: str, tmp_path: Path, make_app: Callable[..., App],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given 30 slots busy with long tasks on one queue (they don't read their wake socket),
+    when a client keeps sending to that queue, each datagram it sends to a busy slot stays
+    charged to the client's wake socket until read; once that fills its send buffer (~26
+    busy listeners) the client renews the socket, so a task it sends to an idle worker on
+    another queue still starts at once, not after the fallback look."""
+    busy = unique("busy")
+    start_worker("--pool", "threads", queues=[busy], concurrency=30)
+    start_worker(concurrency=1)
+    tasks = basic.build(make_app())
+    release = tmp_path / "release"
+    try:
+        def round_trip() -> float:
+            started = time.monotonic()
+            try:
+                assert tasks.add.delay(1, 1).get(timeout=10) == 2
+            except TimeoutError:
+                return float("inf")
+            return time.monotonic() - started
+
+        def client_can_wake() -> bool:
+            """Whether the client's wake socket can still send a datagram to anyone."""
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            probe.bind(str(tmp_path / "probe.sock"))
+            try:
+                tasks.app.broker.waker._sock.sendto(b"\0", str(tmp_path / "probe.sock"))
+                return True
+            except BlockingIOError:
+                return False
+            finally:
+                probe.close()
+
+        baseline = [round_trip() for _ in range(3)]
+        assert max(baseline) < 1.0, baseline  # the fallback look is 2 s away
+        for _ in range(30):
+            tasks.wait_for_file.apply_async((str(release),), queue=busy)
+        wait_for(lambda: broker.queue_info(busy)["messages_unacknowledged"] == "30", 30,
+                 "30 busy slots")
+        for _ in range(12):  # more work for the busy queue: wake-ups to the 30 busy slots
+            tasks.wait_for_file.apply_async((str(release),), queue=busy)
+        after = [round_trip() for _ in range(3)]
+        assert max(after) < 1.0, (f"round trips before: {baseline}, after: {after}; the "
+                                  f"client's wake socket can send: {client_can_wake()}")
+    finally:
+        release.touch()
+
+
+def test_a_message_whose_wake_up_was_lost_is_taken_by_the_fallback_look(
+        broker: SqliteBroker, queue: str, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given an idle worker, when a message is committed but its wake-up datagram never
+    arrives (a full buffer, a socket another user can't write to: what FALLBACK is for),
+    the slot finds it anyway within FALLBACK (2 s) of its last look."""
+    start_worker(concurrency=1)
+    effects = tmp_path / "effects"
+    db = sqlite3.connect(str(broker.path), isolation_level=None, timeout=30)
+    try:
+        props = {"headers": {"lang": "py", "task": "tests.apps.basic.record", "id": "lost-wake",
+                             "retries": 0},
+                 "content_type": "application/json", "content_encoding": "utf-8",
+                 "correlation_id": "lost-wake", "reply_to": None}
+        body = json.dumps([[str(effects), "ran"], {}, {}]).encode()
+        db.execute("INSERT INTO messages (queue, due, body, props) VALUES (?, ?, ?, ?)",
+                   (queue, time.time(), body, json.dumps(props)))  # committed; no datagram
+    finally:
+        db.close()
+    found = _within(lambda: lines(effects) == ["ran"], 2.0 + 3.0)
+    Waker(wake_dir(broker.path)).wake([queue])  # the message itself is fine: woken, it runs
+    wait_for(lambda: lines(effects) == ["ran"], 10, "the message to run once woken")
+    assert found, "the idle slot did not look without a wake-up within 5s (FALLBACK is 2s)"

@@ -13,6 +13,7 @@ slot sleeps until the earliest one or until woken.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     import sqlite3
 
     from . import SqliteBroker
+
+#: The open slot links of this process: who owns what its holder id holds.
+_LINKS: weakref.WeakSet[SqliteSlot] = weakref.WeakSet()
 
 #: How often an idle slot looks for processes that died holding messages (seconds).
 SWEEP_EVERY = 2.0
@@ -75,7 +79,29 @@ class SqliteSlot(SlotLink):
         self._turn = 0
         self._next_due: float | None = None
         self._next_sweep = time.monotonic() + SWEEP_EVERY
+        self._last_look = time.monotonic()
         self._placeholders = ",".join("?" * len(self.queues))
+        self._give_back_orphans()
+        _LINKS.add(self)
+
+    def _give_back_orphans(self) -> None:
+        """Put back what this process holds through no live link: what a link of this
+        process held when it was dropped (a settle that failed, a message handed over but not
+        started). On RabbitMQ the broker does this when a connection closes; here the holder
+        is the process, which lives on. The message comes back marked redelivered (a run that
+        had finished is settled without running again; see Slot.finished_unsettled)."""
+        with self.store.write() as conn:
+            held = {row[0] for row in conn.execute(
+                "SELECT id FROM messages WHERE holder = ?", (self.holder,))}
+            owned = {link._held for link in list(_LINKS)
+                     if link.holder == self.holder and link.store.path == self.store.path}
+            queues = [
+                conn.execute("UPDATE messages SET holder = NULL WHERE id = ? AND holder = ? "
+                             "RETURNING queue", (message_id, self.holder)).fetchone()[0]
+                for message_id in sorted(held - owned)
+            ]
+        if queues:
+            self.broker.waker.wake(queues)
 
     # -- taking messages ---------------------------------------------------------------------
 
@@ -91,7 +117,13 @@ class SqliteSlot(SlotLink):
         if self._active and self._held is None:
             self._claim()
 
+    def _look_is_due(self) -> bool:
+        """Idle and unwoken for FALLBACK seconds: look anyway (a wake-up may have been lost)."""
+        return self._active and self._held is None and (
+            time.monotonic() >= self._last_look + FALLBACK)
+
     def _claim(self) -> None:
+        self._last_look = time.monotonic()
         now = time.time()
         ready = self.store.read(
             f"SELECT MIN(due) FROM messages WHERE queue IN ({self._placeholders}) "
@@ -106,6 +138,7 @@ class SqliteSlot(SlotLink):
 
     def _take(self, conn: sqlite3.Connection, now: float) -> tuple[str, Any] | None:
         """Claim the next due message of our queues, in turn (in the caller's transaction)."""
+        self._last_look = time.monotonic()
         for step in range(len(self.queues)):
             queue = self.queues[(self._turn + step) % len(self.queues)]
             row = conn.execute(CLAIM, (self.holder, queue, now)).fetchone()
@@ -134,8 +167,9 @@ class SqliteSlot(SlotLink):
         ))
 
     def next_wakeup(self) -> float | None:
-        """Until the earliest delayed message is due, and at most FALLBACK (a missed wake)."""
-        wait = FALLBACK
+        """Until the earliest delayed message is due, and at most until FALLBACK seconds
+        after the last look (a missed wake-up)."""
+        wait = max(0.0, self._last_look + FALLBACK - time.monotonic())
         if self._next_due is not None:
             wait = min(wait, max(0.0, self._next_due - time.time()))
         return wait
@@ -144,6 +178,8 @@ class SqliteSlot(SlotLink):
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_EVERY
             self.broker.sweep()
+        if self._look_is_due():
+            self._claim()
 
     def keepalive(self) -> None:
         pass  # liveness is the kernel's lock: nothing to renew while a task runs
@@ -247,6 +283,7 @@ class SqliteSlot(SlotLink):
     # -- closing -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        _LINKS.discard(self)  # what it still holds is given back by the next link opened
         self.listener.close()
 
     def drop(self) -> None:

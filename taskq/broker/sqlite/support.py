@@ -1,28 +1,56 @@
-"""What a worker's supervisor does on the embedded broker: give back what a dead slot held.
+"""What a worker's supervisor does on the embedded broker: give back what a dead slot held,
+and keep the file's write-ahead log short.
 
 The kernel tells a dead holder from a live one (:mod:`.liveness`), so nothing waits for a
 timeout: when a slot process dies, its supervisor puts the message it held back in its queue
 at once (a lost run counted, unless the worker itself stopped it in a cold shutdown); a
 worker that starts gives back what dead workers held.
+
+Checkpoints: a thread of the supervisor copies the log into the file every
+:data:`~.store.CHECKPOINT_EVERY` seconds, so that the commits of senders and slots (which
+would otherwise do it, fsync included, every few thousand pages) stay short.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import TYPE_CHECKING
 
 from ..base import WorkerSupport
+from .store import CHECKPOINT_EVERY
 
 if TYPE_CHECKING:
     from . import SqliteBroker
+
+log = logging.getLogger("taskq.broker")
 
 
 class SqliteWorkerSupport(WorkerSupport):
     def __init__(self, broker: SqliteBroker) -> None:
         super().__init__()
         self.broker = broker
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     def recover(self) -> None:
         self.broker.sweep()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint, name="taskq-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint(self) -> None:
+        while not self._stop.wait(CHECKPOINT_EVERY):
+            try:
+                self.broker.store.checkpoint()
+            except Exception as exc:  # the commits' own checkpoints still run: say, go on
+                log.debug("background checkpoint failed: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=5)
+        super().close()
 
     def slot_exited(self, index: int, data: bytes, *, died: bool) -> None:
         try:

@@ -10,7 +10,7 @@ dead waiter's link answers "connection refused" and is removed by the sender. Wa
 look every few seconds (:data:`FALLBACK`), in case a datagram could not be sent (a full
 buffer, another user's directory).
 
-Socket paths are limited to about 100 bytes: when the database's path is too long for that,
+Socket addresses are limited to 107 bytes: when the database's path is too long for that,
 the directory lives under the temporary directory instead, named after the database.
 """
 
@@ -22,17 +22,22 @@ import hashlib
 import os
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 #: How often a waiter looks even when nobody woke it (seconds).
 FALLBACK = 2.0
-_MAX_SOCKET_PATH = 100
+#: The longest socket address the kernel takes (sun_path holds 108 bytes with the NUL).
+_MAX_SOCKET_PATH = 107
+#: The longest address used under the wake directory: a waiter's link in a queue's folder,
+#: ``/<16-hex queue key>/<waiter name>``, a name being at most ``r-<16 hex>-<16 hex>``.
+_LONGEST_ADDRESS = 1 + 16 + 1 + 36
 
 
 def wake_dir(database: Path) -> Path:
     beside = Path(f"{database}-taskq") / "wake"
-    if len(str(beside)) + 40 < _MAX_SOCKET_PATH:
+    if len(os.fsencode(beside)) + _LONGEST_ADDRESS <= _MAX_SOCKET_PATH:
         return beside
     digest = hashlib.sha256(str(database).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"taskq-{os.getuid()}" / digest / "wake"
@@ -43,12 +48,13 @@ def queue_key(queue: str) -> str:
 
 
 class Waker:
-    """Sends the wake-ups (one per process; thread-safe: one sendto per datagram)."""
+    """Sends the wake-ups (one per process; thread-safe)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
+        self._lock = threading.Lock()
         self._folders: dict[str, str] = {}  # queue -> its folder's path (a hash to compute)
 
     def _folder(self, queue: str) -> str:
@@ -70,14 +76,35 @@ class Waker:
         except OSError:
             return  # nobody has ever waited for it
         for entry in entries:
+            self._send(entry.path)
+
+    def _send(self, path: str) -> None:
+        with self._lock:  # no thread sends on a socket another one is renewing
+            self._send_locked(path)
+
+    def _send_locked(self, path: str) -> None:
+        for fresh in (False, True):
             try:
-                self._sock.sendto(b"\0", entry.path)
+                self._sock.sendto(b"\0", path)
+                return
             except BlockingIOError:
-                pass  # its buffer is full: it is awake already
+                # Either the waiter has wake-ups it has not read (it is awake: enough), or
+                # this socket's own send buffer is full of datagrams that busy waiters have
+                # not read yet, which blocks it towards everyone. A fresh socket tells them
+                # apart (those datagrams stay where they are and free the old one's buffer).
+                if fresh:
+                    return
+                self._renew()
             except OSError as exc:
                 if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
                     with contextlib.suppress(OSError):
-                        os.unlink(entry.path)  # its waiter is gone
+                        os.unlink(path)  # its waiter is gone
+                return
+
+    def _renew(self) -> None:
+        old, self._sock = self._sock, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        old.close()
 
 
 

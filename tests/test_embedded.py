@@ -389,3 +389,37 @@ def test_a_message_whose_wake_up_was_lost_is_taken_by_the_fallback_look(
     Waker(wake_dir(broker.path)).wake([queue])  # the message itself is fine: woken, it runs
     wait_for(lambda: lines(effects) == ["ran"], 10, "the message to run once woken")
     assert found, "the idle slot did not look without a wake-up within 5s (FALLBACK is 2s)"
+
+
+def test_one_file_named_two_ways_is_one_broker(
+        broker: SqliteBroker, queue: str, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a client that names the file through a symlink and a worker that names it
+    directly, they share one broker: the client's result comes back, and a sweep for dead
+    processes (any worker's, every few seconds) finds the client and the busy slot alive
+    rather than deleting the client's reply queue or giving the running task away."""
+    alias = tmp_path / "alias.db"
+    alias.symlink_to(broker.path)
+    client = App(f"sqlite:///{alias}", default_queue=queue)
+    try:
+        tasks = basic.build(client)
+        start_worker(concurrency=1)
+        release = tmp_path / "release"
+        result = tasks.wait_for_file.delay(str(release))
+        wait_for(lambda: broker.queue_info(queue)["messages_unacknowledged"] == "1", 10,
+                 "the task to start")
+        sweeper = App(broker.url)
+        try:
+            assert sweeper.broker.sweep() == 0  # type: ignore[attr-defined]
+        finally:
+            sweeper.close()
+        db = sqlite3.connect(str(broker.path))
+        try:
+            assert db.execute("SELECT COUNT(*) FROM reply_queues WHERE name = ?",
+                              (client.replies.queue,)).fetchone()[0] == 1
+        finally:
+            db.close()
+        release.touch()
+        assert isinstance(result.get(timeout=10), int)
+    finally:
+        client.close()

@@ -107,7 +107,9 @@ def parse_url(url: str) -> tuple[Path, str]:
         raise ConfigurationError(
             f"broker URL {url}: synchronous must be one of {', '.join(SYNCHRONOUS)}"
         )
-    return Path(os.path.abspath(os.path.expanduser(raw))), synchronous
+    # Symlinks resolved: every process must name the file (and so the liveness file and the
+    # wake-up folder beside it) the same way, or one would take the others for dead.
+    return Path(os.path.realpath(os.path.expanduser(raw))), synchronous
 
 
 def filesystem_type(path: Path, mountinfo: str) -> str:

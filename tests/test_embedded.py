@@ -423,3 +423,25 @@ def test_one_file_named_two_ways_is_one_broker(
         assert isinstance(result.get(timeout=10), int)
     finally:
         client.close()
+
+
+def test_tasks_sent_in_a_burst_start_at_once_on_every_idle_slot(
+        broker: SqliteBroker, queue: str, tmp_path: Path, make_app: Callable[..., App],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given 4 idle slots, when 2 to 4 long tasks are sent back to back (a sender wakes
+    nobody for a message behind an older unclaimed one: the slots woken for that one take
+    the rest), they all run at once, well before the 2 s fallback look, burst after burst."""
+    start_worker(concurrency=4)
+    tasks = basic.build(make_app())
+    for burst in range(24):
+        size = 2 + burst % 3
+        release = tmp_path / f"release-{burst}"
+        results = [tasks.wait_for_file.delay(str(release)) for _ in range(size)]
+        started = time.monotonic()
+        running = str(size)
+        wait_for(lambda: broker.queue_info(queue)["messages_unacknowledged"] == running,  # noqa: B023
+                 10, f"{size} tasks running")
+        took = time.monotonic() - started
+        release.touch()
+        assert len({r.get(timeout=10) for r in results}) == size  # as many slots' pids
+        assert took < 1.5, f"burst {burst}: {size} tasks were all running only after {took:.2f}s"

@@ -133,12 +133,18 @@ class SqliteSlot(SlotLink):
             self._next_due = earliest
             return
         with self.store.write() as conn:
-            taken = self._take(conn, now)
+            taken = self._take(conn)
         self._hand_over(taken)
 
-    def _take(self, conn: sqlite3.Connection, now: float) -> tuple[str, Any] | None:
-        """Claim the next due message of our queues, in turn (in the caller's transaction)."""
+    def _take(self, conn: sqlite3.Connection) -> tuple[str, Any] | None:
+        """Claim the next due message of our queues, in turn (in the caller's transaction).
+
+        "Due" is reckoned from now, read inside the transaction: every message committed
+        before it began has a due time before that, so a look finds everything committed
+        before it (a sender may skip waking anyone for a message that such a look will find).
+        """
         self._last_look = time.monotonic()
+        now = time.time()
         for step in range(len(self.queues)):
             queue = self.queues[(self._turn + step) % len(self.queues)]
             row = conn.execute(CLAIM, (self.holder, queue, now)).fetchone()
@@ -205,7 +211,7 @@ class SqliteSlot(SlotLink):
         conn.execute("DELETE FROM messages WHERE id = ? AND holder = ?",
                      (delivery.tag, self.holder))
         self._held = None
-        return self._take(conn, time.time()) if self._active else None
+        return self._take(conn) if self._active else None
 
     def _done(self, taken: tuple[str, Any] | None, woken: list[str]) -> None:
         if woken:
@@ -271,7 +277,7 @@ class SqliteSlot(SlotLink):
             conn.execute("UPDATE messages SET holder = NULL, lost = lost + 1 "
                          "WHERE id = ? AND holder = ?", (delivery.tag, self.holder))
             self._held = None
-            taken = self._take(conn, time.time()) if self._active else None
+            taken = self._take(conn) if self._active else None
         self._done(taken, [delivery.queue])
 
     def lost_runs(self, delivery: Delivery) -> int:

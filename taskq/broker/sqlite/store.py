@@ -304,9 +304,10 @@ class Store:
             with self._transaction(conn, deadline or time.monotonic() + self.timeout):
                 yield conn
 
-    def write_one(self, sql: str, params: Any, deadline: float) -> None:
+    def write_one(self, sql: str, params: Any, deadline: float) -> int:
         """One statement, its own transaction (SQLite's autocommit: atomic, and a busy file
-        is waited for as in :meth:`write`); cheaper than BEGIN ... COMMIT around it."""
+        is waited for as in :meth:`write`); cheaper than BEGIN ... COMMIT around it. Returns
+        the row id it inserted, if any."""
         delay = 0.001
         with self._gate:
             conn = self.connection()
@@ -316,8 +317,7 @@ class Store:
                 if short:
                     conn.execute(f"PRAGMA busy_timeout={max(1, int(remaining * 1000))}")
                 try:
-                    conn.execute(sql, params)
-                    return
+                    return conn.execute(sql, params).lastrowid or 0
                 except sqlite3.OperationalError as exc:
                     if not is_busy(exc) or time.monotonic() >= deadline:
                         raise self._unavailable(exc) from exc

@@ -445,3 +445,21 @@ def test_tasks_sent_in_a_burst_start_at_once_on_every_idle_slot(
         release.touch()
         assert len({r.get(timeout=10) for r in results}) == size  # as many slots' pids
         assert took < 1.5, f"burst {burst}: {size} tasks were all running only after {took:.2f}s"
+
+
+def test_results_finishing_together_all_reach_the_caller_at_once(
+        make_app: Callable[..., App], start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given 2 slots finishing tasks of a burst one after another, every result reaches the
+    caller at once, well before its 2 s fallback look (a slot wakes nobody for a result
+    behind an unread older one: the caller woken for that one reads them all), burst after
+    burst."""
+    start_worker(concurrency=2)
+    tasks = basic.build(make_app())
+    for burst in range(30):
+        size = 2 + burst % 5
+        started = time.monotonic()
+        with tasks.app.batch():
+            results = [tasks.add.delay(burst, i) for i in range(size)]
+        assert [r.get(timeout=10) for r in results] == [burst + i for i in range(size)]
+        took = time.monotonic() - started
+        assert took < 1.5, f"burst {burst}: {size} results took {took:.2f}s"

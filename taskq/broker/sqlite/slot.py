@@ -192,18 +192,25 @@ class SqliteSlot(SlotLink):
 
     # -- settling ----------------------------------------------------------------------------
 
-    def _reply_row(self, conn: sqlite3.Connection, delivery: Delivery, reply: Reply) -> None:
+    def _reply_row(self, conn: sqlite3.Connection, delivery: Delivery, reply: Reply) -> bool:
+        """File the result in its caller's reply queue (if that still exists); whether the
+        caller needs waking for it: not if an older result waits there unread, for the
+        caller was woken for that one and its read (a later transaction) takes both."""
         if not delivery.reply_to:
-            return
+            return False
         props = encode_props({
             "content_type": reply.content_type,
             "correlation_id": delivery.correlation_id or delivery.task_id or "",
         })
-        conn.execute(
+        cursor = conn.execute(
             "INSERT INTO replies (queue, body, props) SELECT ?, ?, ? "
             "WHERE EXISTS (SELECT 1 FROM reply_queues WHERE name = ?)",
             (delivery.reply_to, reply.body, props, delivery.reply_to),
         )
+        if cursor.rowcount != 1:
+            return False  # the caller is gone
+        return conn.execute("SELECT 1 FROM replies WHERE queue = ? AND id < ? LIMIT 1",
+                            (delivery.reply_to, cursor.lastrowid)).fetchone() is None
 
     def _release(self, conn: sqlite3.Connection, delivery: Delivery) -> tuple[str, Any] | None:
         """Let the held message go; claim the next one in the same commit (as a broker pushes
@@ -222,24 +229,25 @@ class SqliteSlot(SlotLink):
             self._next_due = None
             self._claim()  # nothing was due then: when is something?
 
-    def _woken(self, delivery: Delivery, reply: Reply | None, *queues: str) -> list[str]:
-        woken = list(queues)
-        if reply is not None and delivery.reply_to:
+    def _file_reply(self, conn: sqlite3.Connection, delivery: Delivery, reply: Reply | None,
+                    woken: list[str]) -> None:
+        if reply is not None and self._reply_row(conn, delivery, reply):
+            assert delivery.reply_to is not None
             woken.append(delivery.reply_to)
-        return woken
 
     def settle(self, delivery: Delivery, reply: Reply | None) -> None:
+        woken: list[str] = []
         with self.store.write() as conn:
-            if reply is not None:
-                self._reply_row(conn, delivery, reply)
+            self._file_reply(conn, delivery, reply, woken)
             taken = self._release(conn, delivery)
-        self._done(taken, self._woken(delivery, reply))
+        self._done(taken, woken)
 
     def reply(self, delivery: Delivery, reply: Reply) -> None:
+        woken: list[str] = []
         with self.store.write() as conn:
-            self._reply_row(conn, delivery, reply)
-        if delivery.reply_to:
-            self.broker.waker.wake((delivery.reply_to,))
+            self._file_reply(conn, delivery, reply, woken)
+        if woken:
+            self.broker.waker.wake(woken)
 
     def dead_letter(
         self, delivery: Delivery, exc_type: str, reason: str, worker: str, reply: Reply | None
@@ -251,6 +259,7 @@ class SqliteSlot(SlotLink):
             "correlation_id": delivery.correlation_id,
             "reply_to": delivery.reply_to,
         })
+        woken: list[str] = []
         with self.store.write() as conn:
             conn.execute(
                 "INSERT INTO dead (queue, body, props, exception, reason, dead_at, worker) "
@@ -258,19 +267,18 @@ class SqliteSlot(SlotLink):
                 (delivery.queue, delivery.body, props, exc_type, reason,
                  datetime.now(timezone.utc).isoformat(), worker),
             )
-            if reply is not None:
-                self._reply_row(conn, delivery, reply)
+            self._file_reply(conn, delivery, reply, woken)
             taken = self._release(conn, delivery)
-        self._done(taken, self._woken(delivery, reply))
+        self._done(taken, woken)
         return self.broker.dead_letter_name(delivery.queue)
 
     def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
+        woken = [envelope.queue]
         with self.store.write() as conn:
             conn.execute(INSERT_MESSAGE, message_row(envelope, time.time()))
-            if reply is not None:
-                self._reply_row(conn, delivery, reply)
+            self._file_reply(conn, delivery, reply, woken)
             taken = self._release(conn, delivery)
-        self._done(taken, self._woken(delivery, reply, envelope.queue))
+        self._done(taken, woken)
 
     def requeue_lost(self, delivery: Delivery) -> None:
         with self.store.write() as conn:

@@ -170,6 +170,65 @@ def test_warm_shutdown_finishes_running_tasks_and_leaves_the_rest_queued(
     assert [r.get(timeout=15) for r in queued] == [0, 1, 2, 3, 4]
 
 
+def test_sigterm_to_the_whole_process_group_is_a_warm_shutdown(
+        tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given two running tasks, a SIGTERM to every process of the worker (what systemd's
+    default KillMode, or `kill -- -PGID`, sends) is a warm shutdown: both tasks finish and are
+    acked once, no slot is taken for dead (none restarts), and nothing runs again later."""
+    worker = start_worker(concurrency=2)
+    effects, release = tmp_path / "effects", tmp_path / "release"
+    running = [tasks.note_then_block.delay(str(effects), f"t{i}", str(release))
+               for i in range(2)]
+    wait_for(lambda: len(lines(effects)) == 6, 15, "both tasks to start")  # 3 words a run
+    os.killpg(worker.pid, signal.SIGTERM)
+    wait_for(lambda: "warm shutdown" in worker.log(), 10, "the worker to start shutting down")
+    release.touch()
+    assert sorted(r.get(timeout=15) for r in running) == ["t0", "t1"]
+    assert worker.wait(20) == 0
+    assert "exit code" not in worker.log() and "starting a new one" not in worker.log()
+    info = broker.queue_info(queue)
+    assert (info["messages_ready"], info["messages_unacknowledged"]) == ("0", "0")
+    start_worker(concurrency=1)
+    assert tasks.add.delay(1, 1).get(timeout=15) == 2  # the next worker ran only this
+    assert len(lines(effects)) == 6
+
+
+def _forkserver_of(worker: WorkerProcess) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"PPid:\t{worker.pid}\n" in status and b"forkserver" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no fork server under worker {worker.pid}")
+
+
+def test_a_dead_fork_server_never_lets_a_task_run_twice_at_once(
+        tasks: SimpleNamespace, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given two running tasks and another worker idle, when the first worker's fork server
+    is killed (-9: the OOM killer's choice), its supervisor can no longer learn its slots'
+    exit status (it reads 255) while they still run: it stops them before their messages go
+    back, so when a task starts again (anywhere) its first run is already gone."""
+    worker = start_worker(concurrency=2)
+    effects, release = tmp_path / "effects", tmp_path / "release"
+    running = [tasks.note_overlap_then_block.delay(str(effects), f"t{i}", str(release))
+               for i in range(2)]
+    wait_for(lambda: len(lines(effects)) == 6, 15, "both tasks to start")
+    start_worker(concurrency=2)  # idle, ready to take what comes back at once
+    os.kill(_forkserver_of(worker), signal.SIGKILL)
+    wait_for(lambda: len(lines(effects)) == 12, 30, "both tasks to start again")
+    # Each second run looked, as it started, whether its first run was still running.
+    assert lines(effects)[7::3] == ["False", "False"], lines(effects)
+    release.touch()
+    assert sorted(r.get(timeout=15) for r in running) == ["t0", "t1"]
+
+
 def test_a_second_signal_stops_at_once_and_the_message_returns_to_the_queue(
         tasks: SimpleNamespace, broker: Broker, queue: str, tmp_path: Path,
         start_worker: Callable[..., WorkerProcess]) -> None:

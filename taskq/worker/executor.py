@@ -23,6 +23,16 @@ from .execute import Job, Outcome, execute, install_soft_limit_handler
 log = logging.getLogger("taskq.worker")
 
 
+def forkserver_context(app_spec: str) -> Any:
+    """multiprocessing's fork server, preloading the app's module (a slot or an executor
+    forks from it ready to run) and :mod:`.forkserver_init` (it then ignores SIGTERM)."""
+    context = multiprocessing.get_context("forkserver")
+    with contextlib.suppress(ValueError):
+        context.set_forkserver_preload(
+            ["taskq.worker.forkserver_init", app_spec.partition(":")[0]])
+    return context
+
+
 def child_main(app_spec: str, jobs: Connection, lifeline: Connection, loglevel: int) -> None:
     """Entry point of the executor process."""
     # Shutdown is the supervisor's call: a Ctrl-C sent to the whole process group, or a

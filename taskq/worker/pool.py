@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
+import os
 import signal
 import time
 from multiprocessing.reduction import recv_handle
@@ -17,6 +17,7 @@ from typing import Any
 
 from ..broker.base import WorkerSupport
 from ..broker.records import RunRecord
+from .executor import forkserver_context
 from .outages import OutageLog
 from .process import FATAL, FATAL_EXIT, HOLD, LOST, RESTORED, STOP, slot_main
 from .triage import SlotOptions
@@ -63,6 +64,30 @@ class SlotProcess:
         return self.record.read()[0]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_if_orphaned(slot: SlotProcess) -> None:
+    """A slot "exits" with 255 when the fork server that reports its exit died (kill -9,
+    the OOM killer): the slot may well live on, mid-task. Kill it before its messages go
+    back to their queues, or a second slot would run them while it still does."""
+    pid = slot.process.pid
+    if slot.process.exitcode != 255 or pid is None or not _alive(pid):
+        return
+    log.error("%s: the fork server died; stopping the slot (pid %d) before its messages go "
+              "back to their queues", slot.name, pid)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class SlotProcesses:
     def __init__(
         self,
@@ -74,8 +99,7 @@ class SlotProcesses:
         self.options = options
         self.outages = outages
         self.support = support
-        self.context: Any = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload([options.app_spec.partition(":")[0]])
+        self.context: Any = forkserver_context(options.app_spec)
         self.slots = {
             i: SlotProcess(self.context, options, i, support) for i in range(1, concurrency + 1)
         }
@@ -114,6 +138,7 @@ class SlotProcesses:
             if slot.process.sentinel in ready or not slot.process.is_alive():
                 slot.process.join(1)
                 if slot.process.exitcode is not None:
+                    _stop_if_orphaned(slot)
                     self._read_reports(slot)  # what it said just before it went
                     del self.slots[slot.index]
                     self._exited(slot, stopping)

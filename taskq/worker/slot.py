@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import select
 import time
@@ -34,7 +33,7 @@ from ..copies import delayed, retry
 from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
 from ..message import Delivery
 from .execute import Job, Outcome, execute, failure_outcome
-from .executor import ProcessExecutor
+from .executor import ProcessExecutor, forkserver_context
 from .triage import Later, Refuse, SlotOptions, reply_to, triage
 
 log = logging.getLogger("taskq.worker")
@@ -331,11 +330,9 @@ class Slot:
         self.executor.submit(job)
 
     def _new_executor(self) -> ProcessExecutor:
-        context: Any = multiprocessing.get_context("forkserver")
-        with contextlib.suppress(ValueError):  # set before the context's first start only
-            context.set_forkserver_preload([self.options.app_spec.partition(":")[0]])
+        spec = self.options.app_spec
         executor = ProcessExecutor(
-            context, self.options.app_spec, self.options.loglevel, f"{self.name}-limited"
+            forkserver_context(spec), spec, self.options.loglevel, f"{self.name}-limited"
         )
         executor.wait_ready(timeout=60.0)
         self._executor_changed = True

@@ -116,6 +116,28 @@ def note_then_block(self: Any, log: str, token: str, release: str) -> str:
     return token
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def note_overlap_then_block(log: str, token: str, release: str) -> str:
+    """Note our run (token, whether an earlier run of the same token still runs, pid), then
+    hold the slot until released."""
+    earlier = []
+    if os.path.exists(log):
+        with open(log) as f:
+            earlier = [int(line.split()[2]) for line in f if line.split()[0] == token]
+    overlapping = any(_running(pid) for pid in earlier)
+    with open(log, "a") as f:
+        f.write(f"{token} {overlapping} {os.getpid()}\n")
+    wait_for_file(release)
+    return token
+
+
 def unreliable(self: Any, log: str) -> None:
     """Raise ConnectionError every time: autoretry_for with exponential backoff."""
     with open(log, "a") as f:
@@ -132,6 +154,7 @@ def build(app: App) -> SimpleNamespace:
     registered = {fn.__name__: app.task(fn) for fn in TASKS}
     registered["flaky"] = app.task(bind=True, max_retries=5)(flaky)
     registered["note_then_block"] = app.task(bind=True)(note_then_block)
+    registered["note_overlap_then_block"] = app.task(note_overlap_then_block)
     registered["unreliable"] = app.task(
         bind=True, autoretry_for=(ConnectionError,), retry_backoff=0.2, retry_backoff_max=0.5,
         retry_jitter=False, max_retries=3,

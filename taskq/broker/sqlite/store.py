@@ -35,6 +35,11 @@ SCHEMA_VERSION = 1
 #: no sender or slot pays for it; without one, a sender does, every 16 MiB of commits.
 AUTOCHECKPOINT_PAGES = 4000
 CHECKPOINT_EVERY = 0.2
+#: Pages of a new file (bytes). A commit writes every page it changed to the log: a settle
+#: changes five or six (a result, a message, their indexes), and 1 KiB pages make it ~35%
+#: cheaper than SQLite's 4 KiB default; a message body of more than ~1 KiB spills over
+#: into more pages, at about the same cost per byte.
+PAGE_SIZE = 1024
 #: The log's file is cut back to this size when it restarts after a checkpoint.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 FORMAT = "taskq"
@@ -224,6 +229,7 @@ class Store:
                     f"{self.path} is not an SQLite database ({exc}), so not a taskq broker "
                     "file: point TASKQ_BROKER_URL at another file"
                 ) from None
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a new file's only: before WAL
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")

@@ -23,7 +23,10 @@ def protocol_headers(headers: dict[Any, Any]) -> dict[str, Any]:
     }
 
 
-def _copy(delivery: Delivery, queue: str, headers: dict[str, Any], delay: float = 0.0) -> Envelope:
+def copy_of(
+    delivery: Delivery, queue: str, headers: dict[str, Any], delay: float = 0.0
+) -> Envelope:
+    """The delivered message as a new one for ``queue``, with ``headers``."""
     encoding = delivery.properties.get("content_encoding")
     return Envelope(
         queue=queue,
@@ -46,12 +49,12 @@ def retry(delivery: Delivery, countdown: float) -> Envelope:
         headers["eta"] = (datetime.now(timezone.utc) + timedelta(seconds=countdown)).isoformat()
     else:
         headers.pop("eta", None)
-    return _copy(delivery, delivery.queue, headers, delay=countdown)
+    return copy_of(delivery, delivery.queue, headers, delay=countdown)
 
 
 def delayed(delivery: Delivery, seconds: float) -> Envelope:
     """The same message, to be delivered ``seconds`` from now (it arrived before its ETA)."""
-    return _copy(delivery, delivery.queue, protocol_headers(delivery.headers), delay=seconds)
+    return copy_of(delivery, delivery.queue, protocol_headers(delivery.headers), delay=seconds)
 
 
 def replayed(

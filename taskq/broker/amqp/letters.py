@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from ...copies import protocol_headers
+from ...copies import copy_of, protocol_headers
 from ...message import DELIVERY_COUNT_HEADER, Delivery, Envelope
 from ..base import DeadLetter
 from .channel import message_properties
@@ -30,19 +30,6 @@ def delivery_count(delivery: Delivery) -> int:
         return max(0, int(delivery.headers.get(DELIVERY_COUNT_HEADER) or 0))
     except (TypeError, ValueError):
         return 0
-
-
-def _copy(delivery: Delivery, queue: str, headers: dict[str, Any]) -> Envelope:
-    encoding = delivery.properties.get("content_encoding")
-    return Envelope(
-        queue=queue,
-        body=delivery.body,
-        content_type=delivery.content_type,
-        headers=headers,
-        correlation_id=delivery.correlation_id,
-        reply_to=delivery.reply_to,
-        content_encoding=encoding if isinstance(encoding, str) else None,
-    )
 
 
 #: Longest reason kept with a dead letter, in characters.
@@ -91,7 +78,7 @@ def dead_letter(
 def _raw_copy(delivery: Delivery, queue: str, headers: dict[str, Any]) -> Envelope:
     """A copy with the properties as they came: bytes where they were not UTF-8."""
     props = delivery.properties
-    envelope = _copy(delivery, queue, headers)
+    envelope = copy_of(delivery, queue, headers)
     raw: Any = props
     envelope.content_type = raw.get("content_type", envelope.content_type)
     envelope.content_encoding = raw.get("content_encoding", envelope.content_encoding)
@@ -131,7 +118,7 @@ def counted_copy(delivery: Delivery, count: int) -> Envelope:
     """The same message, recording that ``count`` deliveries of it were lost."""
     headers = protocol_headers(delivery.headers)
     headers[DELIVERY_COUNT_HEADER] = count
-    return _copy(delivery, delivery.queue, headers)
+    return copy_of(delivery, delivery.queue, headers)
 
 
 def read_dead_letter(delivery: Delivery, queue: str) -> DeadLetter:

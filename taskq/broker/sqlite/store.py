@@ -9,7 +9,7 @@ operation's own bound, so "database is locked" never reaches a user (after the b
 Durability (``synchronous``): ``normal`` by default, which in WAL mode survives the kill -9 of
 any process and keeps the file consistent on an OS crash or power loss, where the last
 transactions may be lost; ``sqlite:///taskq.db?synchronous=full`` survives those too (every
-commit waits for the disk: about 10x the cost of a commit, see the README).
+commit waits for the disk: here about 5x the cost of a commit, see the README's Performance).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -463,3 +464,98 @@ def test_results_finishing_together_all_reach_the_caller_at_once(
         assert [r.get(timeout=10) for r in results] == [burst + i for i in range(size)]
         took = time.monotonic() - started
         assert took < 1.5, f"burst {burst}: {size} results took {took:.2f}s"
+
+
+def _session_wakeups(session: int) -> dict[int, tuple[str, int]]:
+    """pid -> (comm, voluntary context switches) of every process in ``session``."""
+    found: dict[int, tuple[str, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == session:  # field 6: session id
+            found[int(entry.name)] = (comm, switches)
+    return found
+
+
+def test_a_slot_waiting_on_its_executor_does_not_spin(
+        broker: SqliteBroker, queue: str, tmp_path: Path, make_app: Callable[..., App],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a task with a hard time limit (it runs in the slot's executor, the slot's loop
+    waits meanwhile), the busy slot sleeps until something happens even once its last look is
+    older than the fallback's 2 s: only an idle slot looks on the fallback (a busy one looks
+    when it settles). Woken counts are measured over 3 s (a rate needs a window)."""
+    worker = start_worker("--time-limit", "60", concurrency=1)
+    tasks = basic.build(make_app())
+    release = tmp_path / "release"
+    result = tasks.wait_for_file.delay(str(release))
+    try:
+        wait_for(lambda: broker.queue_info(queue)["messages_unacknowledged"] == "1", 10,
+                 "the task running")
+        time.sleep(2.5)  # past FALLBACK since the claim (the condition under test, not a wait)
+        before = _session_wakeups(worker.pid)
+        time.sleep(3.0)
+        after = _session_wakeups(worker.pid)
+        used = {pid: after[pid][1] - before[pid][1] for pid in after if pid in before}
+        busiest = max(used, key=used.__getitem__)
+        assert used[busiest] < 600, (
+            f"process {busiest} woke {used[busiest]} times in 3s while its slot waited on a "
+            f"running task (the executor polls its file 100 times a second): {used}")
+    finally:
+        release.touch()
+    assert isinstance(result.get(timeout=10), int)
+
+def _rows(broker: SqliteBroker, sql: str, *params: object) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(str(broker.path), timeout=30)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def test_a_link_lost_while_the_executor_runs_never_lets_a_second_slot_run_it_at_once(
+        broker: SqliteBroker, queue: str, tmp_path: Path, make_app: Callable[..., App],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given a time-limited task running in a slot's executor, when that slot's link fails
+    (its sweep's write finds the file locked past publish_timeout) the slot reconnects while
+    the task still runs: the message stays held by its process until the task has finished
+    (a dropped link's messages are given back only when the new link starts taking work),
+    so no idle worker starts it meanwhile; afterwards any rerun starts after the first run."""
+    (tmp_path / "quick_app.py").write_text(QUICK_APP)  # gives up on a lock after 1 s
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    worker = start_worker("--time-limit", "60", app="quick_app:app", concurrency=1, env=env)
+    tasks = basic.build(make_app())
+    effects, release = tmp_path / "effects", tmp_path / "release"
+    result = tasks.note_overlap_then_block.delay(str(effects), "t", str(release))
+    try:
+        wait_for(lambda: effects.exists() and len(effects.read_text().split()) == 3, 20,
+                 "the task to start")
+        [(holder,)] = _rows(broker, "SELECT holder FROM messages WHERE queue = ?", queue)
+        start_worker(concurrency=1)  # idle, ready to take what comes back
+        lock = sqlite3.connect(str(broker.path), isolation_level=None, timeout=30)
+        try:  # a holder nobody holds (dead): the next sweep writes, and finds the file locked
+            lock.execute("INSERT INTO holders (id, pid, host, started) VALUES (?, 1, 'x', 0)",
+                         (secrets.randbits(62) + 1,))
+            lock.execute("BEGIN IMMEDIATE")
+            wait_for(lambda: "BrokerUnavailable" in worker.log(), 20, "the slot's link to fail")
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        wait_for(lambda: "reconnected to the broker" in worker.log(), 20, "the new link")
+        held = [row[0] for row in _rows(broker, "SELECT holder FROM messages WHERE queue = ?",
+                                        queue)]
+        assert held == [holder], f"held by {held}, not by the running slot's process {holder}"
+    finally:
+        release.touch()
+    assert result.get(timeout=20) == "t"
+    wait_for(lambda: not _rows(broker, "SELECT id FROM messages WHERE queue = ?", queue), 20,
+             "the message settled")
+    words = effects.read_text().split()
+    assert words[4::3] in ([], ["False"]), f"a rerun overlapped the first run: {words}"

@@ -81,7 +81,7 @@ class SqliteSlot(SlotLink):
         self._next_sweep = time.monotonic() + SWEEP_EVERY
         self._last_look = time.monotonic()
         self._placeholders = ",".join("?" * len(self.queues))
-        self._give_back_orphans()
+        self._started = False
         _LINKS.add(self)
 
     def _give_back_orphans(self) -> None:
@@ -89,7 +89,11 @@ class SqliteSlot(SlotLink):
         process held when it was dropped (a settle that failed, a message handed over but not
         started). On RabbitMQ the broker does this when a connection closes; here the holder
         is the process, which lives on. The message comes back marked redelivered (a run that
-        had finished is settled without running again; see Slot.finished_unsettled)."""
+        had finished is settled without running again; see Slot.finished_unsettled).
+
+        Done when the link first starts taking messages, which its slot does only once it
+        runs nothing: a task still running from the dropped link (in the slot's executor)
+        keeps its message until it has finished, so it is never run twice at once."""
         with self.store.write() as conn:
             held = {row[0] for row in conn.execute(
                 "SELECT id FROM messages WHERE holder = ?", (self.holder,))}
@@ -106,6 +110,9 @@ class SqliteSlot(SlotLink):
     # -- taking messages ---------------------------------------------------------------------
 
     def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._give_back_orphans()
         self._active = True
         self.drain()
 
@@ -173,11 +180,14 @@ class SqliteSlot(SlotLink):
         ))
 
     def next_wakeup(self) -> float | None:
-        """Until the earliest delayed message is due, and at most until FALLBACK seconds
-        after the last look (a missed wake-up)."""
-        wait = max(0.0, self._last_look + FALLBACK - time.monotonic())
+        """Until the earliest delayed message is due and, while idle, at most until FALLBACK
+        seconds after the last look (a missed wake-up). A busy slot looks when it settles."""
+        wait = None
+        if self._active and self._held is None:
+            wait = max(0.0, self._last_look + FALLBACK - time.monotonic())
         if self._next_due is not None:
-            wait = min(wait, max(0.0, self._next_due - time.time()))
+            due = max(0.0, self._next_due - time.time())
+            wait = due if wait is None else min(wait, due)
         return wait
 
     def tick(self) -> None:

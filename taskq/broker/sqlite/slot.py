@@ -124,11 +124,6 @@ class SqliteSlot(SlotLink):
         if self._active and self._held is None:
             self._claim()
 
-    def _look_is_due(self) -> bool:
-        """Idle and unwoken for FALLBACK seconds: look anyway (a wake-up may have been lost)."""
-        return self._active and self._held is None and (
-            time.monotonic() >= self._last_look + FALLBACK)
-
     def _claim(self) -> None:
         self._last_look = time.monotonic()
         now = time.time()
@@ -194,8 +189,6 @@ class SqliteSlot(SlotLink):
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + SWEEP_EVERY
             self.broker.sweep()
-        if self._look_is_due():
-            self._claim()
 
     def keepalive(self) -> None:
         pass  # liveness is the kernel's lock: nothing to renew while a task runs

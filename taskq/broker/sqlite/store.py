@@ -21,12 +21,14 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from ...errors import BrokerUnavailable, ConfigurationError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 #: A commit that finds this many pages in the write-ahead log copies them into the file
@@ -270,22 +272,31 @@ class Store:
 
     # -- transactions ----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self, conn: sqlite3.Connection, deadline: float) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, waiting for a busy file until ``deadline``."""
+    def _busy_waited(self, conn: sqlite3.Connection, deadline: float, run: Callable[[], T]) -> T:
+        """``run()`` (one statement), waiting for a busy file until ``deadline``: SQLite's
+        own wait (its busy timeout, cut to what is left of the deadline), then again."""
         delay = 0.001
         while True:
             remaining = deadline - time.monotonic()
-            if remaining < self.timeout - 1.0:  # shorter than the connection's own (timeout=)
+            short = remaining < self.timeout - 1.0  # shorter than the connection's (timeout=)
+            if short:
                 conn.execute(f"PRAGMA busy_timeout={max(1, int(remaining * 1000))}")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
+                return run()
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc) or time.monotonic() >= deadline:
                     raise self._unavailable(exc) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+            finally:
+                if short:
+                    conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection, deadline: float) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, waiting for a busy file until ``deadline`` (only the
+        BEGIN waits: in WAL mode the transaction then holds the only write lock)."""
+        self._busy_waited(conn, deadline, lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield
         except BaseException:
@@ -298,9 +309,6 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise self._unavailable(exc) from exc
-        finally:
-            if remaining < self.timeout - 1.0:
-                conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
 
     @contextlib.contextmanager
     def write(self, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
@@ -314,35 +322,16 @@ class Store:
         """One statement, its own transaction (SQLite's autocommit: atomic, and a busy file
         is waited for as in :meth:`write`); cheaper than BEGIN ... COMMIT around it. Returns
         the row id it inserted, if any."""
-        delay = 0.001
         with self._gate:
             conn = self.connection()
-            while True:
-                remaining = deadline - time.monotonic()
-                short = remaining < self.timeout - 1.0
-                if short:
-                    conn.execute(f"PRAGMA busy_timeout={max(1, int(remaining * 1000))}")
-                try:
-                    return conn.execute(sql, params).lastrowid or 0
-                except sqlite3.OperationalError as exc:
-                    if not is_busy(exc) or time.monotonic() >= deadline:
-                        raise self._unavailable(exc) from exc
-                finally:
-                    if short:
-                        conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+            return self._busy_waited(
+                conn, deadline, lambda: conn.execute(sql, params).lastrowid or 0)
 
     def read(self, sql: str, params: Any = ()) -> list[Any]:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                with self._gate:
-                    return self.connection().execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() >= deadline:
-                    raise self._unavailable(exc) from exc
-                time.sleep(0.005)
+        with self._gate:
+            conn = self.connection()
+            return self._busy_waited(conn, time.monotonic() + self.timeout,
+                                     lambda: conn.execute(sql, params).fetchall())
 
     def checkpoint(self) -> None:
         """Copy what the log holds into the file, as far as no reader needs it (PASSIVE:

@@ -214,8 +214,16 @@ _UNSAFE_BUILTINS = frozenset(
 )
 
 
-def exception_from_wire(meta: Any, traceback: str | None) -> BaseException:
-    """Rebuild a failure: builtins and taskq's own errors as themselves, the rest as RemoteError.
+#: Exception types an app registered to be rebuilt as themselves: ``(module, qualname)`` →
+#: the class (see :meth:`taskq.App.exception`).
+Registered = Mapping[tuple[str, str], type[BaseException]]
+
+
+def exception_from_wire(
+    meta: Any, traceback: str | None, registered: Registered | None = None
+) -> BaseException:
+    """Rebuild a failure: builtins, taskq's own errors and the types in ``registered`` as
+    themselves, the rest as RemoteError.
 
     Looks classes up by name in fixed tables; never imports anything a message names.
     """
@@ -228,17 +236,21 @@ def exception_from_wire(meta: Any, traceback: str | None) -> BaseException:
     message = ", ".join(str(a) for a in args)
 
     cls: type[BaseException] | None = None
+    taskq_own = False  # taskq's errors take one message; other types their original args
     if exc_module == "builtins" and exc_type not in _UNSAFE_BUILTINS:
         candidate = getattr(builtins, exc_type, None)
         if isinstance(candidate, type) and issubclass(candidate, Exception):
             cls = candidate
     elif exc_module in KNOWN_FAILURE_MODULES:
         cls = KNOWN_FAILURES.get(exc_type)
+        taskq_own = True
+    elif registered:
+        cls = registered.get((exc_module, exc_type))
 
     if cls is not None:
         try:
-            exc = cls(*args) if cls.__module__ == "builtins" else cls(message)
-        except Exception:
+            exc = cls(message) if taskq_own else cls(*args)
+        except Exception:  # a constructor that wants other arguments: RemoteError below
             exc = None
         if exc is not None:
             if traceback and hasattr(exc, "add_note"):

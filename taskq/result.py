@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import states
 from .errors import ResultUnavailable, TimeoutError
-from .message import exception_from_wire
+from .message import Registered, exception_from_wire
 
 if TYPE_CHECKING:
     from .replies import Pending, ReplyConsumer
+
+_NONE_REGISTERED: Registered = {}
 
 R = TypeVar("R")
 
@@ -28,11 +31,14 @@ class AsyncResult(Generic[R]):
         task_name: str,
         pending: Pending | None,
         consumer: ReplyConsumer | None,
+        exceptions: Registered = _NONE_REGISTERED,
     ) -> None:
         self.id = task_id
         self.task_name = task_name
         self._pending = pending
         self._consumer = consumer
+        #: The app's registered exception types, rebuilt as themselves on failure.
+        self._exceptions = exceptions
         self._exception: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -83,7 +89,9 @@ class AsyncResult(Generic[R]):
 
     def _failure(self, meta: dict[str, Any]) -> BaseException:
         if self._exception is None:
-            self._exception = exception_from_wire(meta.get("result"), meta.get("traceback"))
+            self._exception = exception_from_wire(
+                meta.get("result"), meta.get("traceback"), self._exceptions
+            )
         return self._exception
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> R:
@@ -120,3 +128,28 @@ class AsyncResult(Generic[R]):
                 f"{pending.state}); it may still be queued or running: get() can be called "
                 "again"
             )
+
+
+class EagerResult(AsyncResult[R]):
+    """The outcome of a task run in the calling process (``App(eager=True)``, ``task.apply()``):
+    the same API as :class:`AsyncResult`, ready at once. The value and any failure went
+    through the same encoding as a worker's result (a tuple comes back a list, an exception
+    type that is not registered comes back :class:`taskq.RemoteError`)."""
+
+    def __init__(
+        self,
+        task_id: str,
+        task_name: str,
+        meta: Mapping[str, Any] | None,
+        exceptions: Registered = _NONE_REGISTERED,
+    ) -> None:
+        from .replies import Pending
+
+        pending = None
+        if meta is not None:  # None: sent with ignore_result, as a worker would keep none
+            pending = Pending(task_id)
+            pending.resolve(dict(meta))
+        super().__init__(task_id, task_name, pending, None, exceptions)
+
+    def __repr__(self) -> str:
+        return f"<EagerResult {self.task_name}[{self.id}] {self.state}>"

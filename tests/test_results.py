@@ -108,6 +108,38 @@ def test_other_exceptions_arrive_as_remote_error(
     assert "CustomError: custom trouble" in (error.remote_traceback or "")
 
 
+def test_a_registered_exception_type_is_raised_as_itself(
+        make_app: Callable[..., taskq.App], worker: WorkerProcess) -> None:
+    """Given App(exceptions=[CustomError]), when the task raises CustomError('bad', 7), then
+    get() raises CustomError with the same arguments and the worker's traceback in a note."""
+    from .apps import basic
+
+    tasks = basic.build(make_app(exceptions=[basic.CustomError]))
+    with pytest.raises(basic.CustomError) as caught:
+        tasks.fail.delay("Custom", "custom trouble").get(timeout=10)
+    assert type(caught.value) is basic.CustomError
+    assert caught.value.args == ("custom trouble",)
+    assert "CustomError: custom trouble" in "".join(getattr(caught.value, "__notes__", []))
+
+
+def test_app_exception_registers_a_type_as_a_decorator(
+        make_app: Callable[..., taskq.App], worker: WorkerProcess) -> None:
+    from .apps import basic
+
+    app = make_app()
+    assert app.exception(basic.CustomError) is basic.CustomError
+    tasks = basic.build(app)
+    with pytest.raises(basic.CustomError):
+        tasks.fail.delay("Custom", "x").get(timeout=10)
+
+
+def test_only_exception_types_can_be_registered(make_app: Callable[..., taskq.App]) -> None:
+    with pytest.raises(taskq.ConfigurationError, match="must be Exception subclasses"):
+        make_app(exceptions=[KeyboardInterrupt])
+    with pytest.raises(taskq.ConfigurationError, match="must be Exception subclasses"):
+        make_app().exception("tests.apps.basic.CustomError")  # type: ignore[arg-type]
+
+
 def test_propagate_false_returns_the_exception(
         tasks: SimpleNamespace, worker: WorkerProcess) -> None:
     error = tasks.fail.delay("ValueError", "quiet").get(timeout=10, propagate=False)
@@ -140,6 +172,26 @@ def test_a_result_naming_a_module_never_imports_it(tasks: SimpleNamespace,
     with pytest.raises(taskq.RemoteError) as caught:
         handle.get(timeout=10)
     assert caught.value.exc_type == "system" and module not in sys.modules
+
+
+def test_a_registered_type_is_matched_by_module_and_name_together(
+        make_app: Callable[..., taskq.App], broker: Broker) -> None:
+    """A failure naming CustomError of another module is not the registered CustomError."""
+    from .apps import basic
+
+    app = make_app(exceptions=[basic.CustomError])
+    handles = {}
+    for module in ("elsewhere", "tests.apps.basic"):
+        task_id = str(uuid.uuid4())
+        handles[module] = AsyncResult(task_id, "forged", app.replies.expect(task_id),
+                                      app.replies, app.exceptions)
+        _send_result(broker, app.replies.queue, task_id, {
+            "task_id": task_id, "status": "FAILURE", "traceback": None, "children": [],
+            "result": {"exc_type": "CustomError", "exc_module": module, "exc_message": ["m"]}})
+    with pytest.raises(taskq.RemoteError):
+        handles["elsewhere"].get(timeout=10)
+    with pytest.raises(basic.CustomError):
+        handles["tests.apps.basic"].get(timeout=10)
 
 
 def test_a_result_is_delivered_once_even_if_sent_twice(tasks: SimpleNamespace,

@@ -46,7 +46,7 @@ from .errors import (
     Unroutable,
     WorkerLostError,
 )
-from .result import AsyncResult
+from .result import AsyncResult, EagerResult
 from .task import Request, Task
 
 __version__ = "0.1.0"
@@ -66,6 +66,7 @@ __all__ = [
     "ContentDisallowed",
     "DeclarationConflict",
     "DecodeError",
+    "EagerResult",
     "EncodeError",
     "MaxRetriesExceededError",
     "MessageDecodeError",

@@ -7,10 +7,10 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Concatenate, Literal, overload
+from typing import Any, Concatenate, Literal, TypeVar, overload
 
 from .broker import Broker, broker_for
 from .config import Config
@@ -19,9 +19,12 @@ from .message import Envelope, task_envelope
 from .producer import Producer
 from .replies import ReplyConsumer
 from .result import AsyncResult
+from .routing import Router
 from .task import P, R, Task, TaskOptions, main_module_name, new_task_id, resolve_schedule
 
 log = logging.getLogger("taskq")
+
+E = TypeVar("E", bound=Exception)
 
 
 class App:
@@ -39,11 +42,19 @@ class App:
         *,
         default_queue: str = "taskq",
         main: str | None = None,
+        routes: Mapping[str, str | Mapping[str, Any]] | None = None,
+        exceptions: Iterable[type[Exception]] = (),
         **settings: Any,
     ) -> None:
         self.config = Config.from_settings(broker_url, default_queue=default_queue, **settings)
         #: Module name used for tasks defined in a script run as ``__main__``.
         self.main = main
+        #: Which queue a task goes to when neither the call nor the task names one.
+        self.router = Router(routes or {})
+        #: Exception types rebuilt as themselves in a caller (see :meth:`exception`).
+        self.exceptions: dict[tuple[str, str], type[BaseException]] = {}
+        for cls in exceptions:
+            self.exception(cls)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self._lock = threading.RLock()
         self._broker: Broker | None = None
@@ -130,6 +141,21 @@ class App:
             module = self.main or main_module_name()
         return f"{module}.{fn.__qualname__}"
 
+    def exception(self, cls: type[E]) -> type[E]:
+        """Register an exception type (also as ``@app.exception`` on its class): a task's
+        failure of exactly this type is raised in the caller as itself, rebuilt from its
+        arguments, so ``except MyError:`` works. Other types stay :class:`taskq.RemoteError`.
+        Nothing a message names is ever imported: only registered classes are looked up."""
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise ConfigurationError(
+                f"exceptions must be Exception subclasses (to rebuild in callers), not {cls!r}"
+            )
+        module = cls.__module__
+        self.exceptions[(module, cls.__qualname__)] = cls
+        if module == "__main__":  # a worker imports the script under its module name
+            self.exceptions[(self.main or main_module_name(), cls.__qualname__)] = cls
+        return cls
+
     # -- sending ----------------------------------------------------------------------------------
 
     @property
@@ -179,6 +205,12 @@ class App:
             eta, delay, expires_at = resolve_schedule(countdown, eta, expires)
         task_id = task_id or new_task_id()
         config = self.config
+        queue = queue or self.router.queue_for(name) or config.default_queue
+        if config.eager:
+            from .eager import run_eagerly  # the worker's own code path: loaded only if used
+
+            return run_eagerly(self, name, args, kwargs or {}, queue, task_id, ignore_result,
+                               time_limit=time_limit, soft_time_limit=soft_time_limit)
         pending = None
         reply_to = None
         if not ignore_result:
@@ -190,7 +222,7 @@ class App:
             name=name,
             args=tuple(args),
             kwargs=kwargs or {},
-            queue=queue or config.default_queue,
+            queue=queue,
             serializer=config.serializer,
             reply_to=reply_to,
             eta=eta,
@@ -200,7 +232,9 @@ class App:
             soft_time_limit=soft_time_limit,
             ignore_result=ignore_result,
         )
-        result: AsyncResult[Any] = AsyncResult(task_id, name, pending, self._replies)
+        result: AsyncResult[Any] = AsyncResult(
+            task_id, name, pending, self._replies, self.exceptions
+        )
         batch: Batch | None = getattr(self._local, "batch", None)
         if batch is not None:
             self.producer.check_size(envelope)

@@ -52,6 +52,9 @@ class Config:
     ssl_key_file: str | None = None
     #: Verify that the broker's certificate names the host in the URL. Leave on.
     ssl_verify_hostname: bool = True
+    #: Run every task in the calling process, at once, instead of sending it (for tests):
+    #: ``.delay()`` returns an :class:`~taskq.result.EagerResult`. See :mod:`taskq.eager`.
+    eager: bool = False
     #: Extra worker-side defaults: hard and soft time limits in seconds (None: no limit).
     time_limit: float | None = None
     soft_time_limit: float | None = None

@@ -90,13 +90,7 @@ class Producer:
     # -- sending -------------------------------------------------------------------------------
 
     def check_size(self, envelope: Envelope) -> None:
-        limit = self.config.max_message_size
-        if len(envelope.body) > limit:
-            raise MessageTooLarge(
-                f"task {envelope.headers.get('task')} message is {len(envelope.body):,} bytes, "
-                f"over max_message_size={limit:,}: pass a reference (a path, a URL, a row id) "
-                "instead of the data, or raise App(max_message_size=...)"
-            )
+        check_size(envelope, self.config.max_message_size)
 
     def send(self, envelope: Envelope) -> None:
         """Publish one message; return once the broker has confirmed it."""
@@ -203,4 +197,14 @@ class Producer:
         return (
             f"could not {what} within {seconds:g}s: the broker at {url} did not confirm it "
             f"({detail}). {self.broker.unreachable_hint} (publish_timeout={seconds:g}s)"
+        )
+
+
+def check_size(envelope: Envelope, limit: int) -> None:
+    """Raise MessageTooLarge, saying what to do, for a message over ``limit`` bytes."""
+    if len(envelope.body) > limit:
+        raise MessageTooLarge(
+            f"task {envelope.headers.get('task')} message is {len(envelope.body):,} bytes, "
+            f"over max_message_size={limit:,}: pass a reference (a path, a URL, a row id) "
+            "instead of the data, or raise App(max_message_size=...)"
         )

@@ -18,7 +18,7 @@ from .errors import ConfigurationError, MaxRetriesExceededError, Retry
 
 if TYPE_CHECKING:
     from .app import App
-    from .result import AsyncResult
+    from .result import AsyncResult, EagerResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -203,6 +203,26 @@ class Task(Generic[P, R]):
                 soft_time_limit if soft_time_limit is not None else self.options.soft_time_limit
             ),
             ignore_result=self.options.ignore_result if ignore_result is None else ignore_result,
+        )
+
+    def apply(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+    ) -> EagerResult[R]:
+        """Run the task here and now, as a worker would (see :mod:`taskq.eager`): the
+        arguments and the result go through the same encoding; returns its outcome."""
+        from .eager import run_eagerly
+
+        kwargs = dict(kwargs or {})
+        self.check_arguments(args, kwargs)
+        queue = self.options.queue or self.app.router.queue_for(self.name)
+        return run_eagerly(
+            self.app, self.name, args, kwargs, queue or self.app.config.default_queue,
+            task_id or new_task_id(), time_limit=self.options.time_limit,
+            soft_time_limit=self.options.soft_time_limit,
         )
 
     def delay_many(self, calls: Iterable[Sequence[Any]]) -> list[AsyncResult[R]]:

@@ -148,6 +148,11 @@ class SlotLink(abc.ABC):
         """Handle what arrived; deliveries go to the callback given when it was opened."""
 
     @abc.abstractmethod
+    def ready_now(self) -> bool:
+        """Whether a message of the link's queues is ready to be taken now (not one held,
+        nor one delayed to later). Asks the broker: for ``--burst``, not for every loop."""
+
+    @abc.abstractmethod
     def next_wakeup(self) -> float | None:
         """Seconds until :meth:`drain` should run even if nothing polls readable (None: no
         need), e.g. when a delayed message falls due."""

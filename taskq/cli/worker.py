@@ -21,6 +21,12 @@ LOGLEVEL_HELP = "Log level."
 TIME_LIMIT_HELP = "Hard time limit per task, seconds: the task's process is killed."
 SOFT_TIME_LIMIT_HELP = "Soft time limit per task, seconds: SoftTimeLimitExceeded is raised in it."
 SHUTDOWN_HELP = "On SIGTERM/SIGINT, how long running tasks may take to finish, seconds."
+BURST_HELP = (
+    "Run until the queues have no message ready, then exit 0 (for scripts and tests). "
+    "Delayed messages (countdown, eta, retries) stay queued for a later worker."
+)
+MAX_TASKS_HELP = "Replace a slot process after it ran this many tasks (between tasks)."
+MAX_MEMORY_HELP = "Replace a slot process, between tasks, once its RSS is over this many MiB."
 
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -63,6 +69,11 @@ LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
     show_default=True,
     help=SHUTDOWN_HELP,
 )
+@click.option("--burst", is_flag=True, help=BURST_HELP)
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1), help=MAX_TASKS_HELP)
+@click.option(
+    "--max-memory-per-child", type=click.FloatRange(min=0, min_open=True), help=MAX_MEMORY_HELP
+)
 def worker(
     app_spec: str,
     queues: str | None,
@@ -72,6 +83,9 @@ def worker(
     time_limit: float | None,
     soft_time_limit: float | None,
     shutdown_timeout: float,
+    burst: bool,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: float | None,
 ) -> None:
     """Run tasks from the queues of an app.
 
@@ -95,6 +109,9 @@ def worker(
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
             shutdown_timeout=shutdown_timeout,
+            burst=burst,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
         ).run()
     except TaskqError as exc:
         raise click.ClickException(str(exc)) from None

@@ -19,7 +19,7 @@ from ..broker.base import WorkerSupport
 from ..broker.records import RunRecord
 from .executor import forkserver_context
 from .outages import OutageLog
-from .process import FATAL, FATAL_EXIT, HOLD, LOST, RESTORED, STOP, slot_main
+from .process import FATAL, FATAL_EXIT, HOLD, LOST, RECYCLE_EXIT, RESTORED, STOP, slot_main
 from .triage import SlotOptions
 
 log = logging.getLogger("taskq.worker")
@@ -165,7 +165,8 @@ class SlotProcesses:
     def _exited(self, slot: SlotProcess, stopping: bool) -> None:
         self.outages.connection_restored(slot.name)  # a dead slot no longer waits for the broker
         running, data = slot.record.read()
-        died = slot.process.exitcode != 0 and not (slot.stopping or stopping)
+        code = slot.process.exitcode
+        died = code not in (0, RECYCLE_EXIT) and not (slot.stopping or stopping)
         self.support.slot_exited(slot.index, data, died=died)
         slot.record.clear()
         slot.control.close()
@@ -174,6 +175,11 @@ class SlotProcesses:
             return
         if slot.stopping or stopping:
             return
+        if code == RECYCLE_EXIT:  # it said why in its log; a new one starts now
+            self.restart_at[slot.index] = time.monotonic()
+            return
+        if code == 0 and self.options.burst:
+            return  # its queues had nothing ready: it is not replaced
         log.error(
             "%s process %s%s; starting a new one",
             slot.name,

@@ -31,6 +31,8 @@ STOP = "stop"
 LOST, RESTORED, FATAL, HOLD = "lost", "restored", "fatal", "hold"
 #: Exit code of a slot process that met an error restarting it won't fix.
 FATAL_EXIT = 3
+#: Exit code of a slot process that retired between tasks to be replaced (recycling).
+RECYCLE_EXIT = 4
 
 
 class PipeReporter:
@@ -97,6 +99,8 @@ def slot_main(
     except BaseException:
         log.exception("%s stopped by an unexpected error", slot.name)
         os._exit(1)
+    if slot.recycle:
+        raise SystemExit(RECYCLE_EXIT)
 
 
 def _listen(control: Connection, slot: Slot) -> None:

@@ -40,6 +40,9 @@ log = logging.getLogger("taskq.worker")
 
 #: Runs remembered as finished although their link died before they were settled.
 REMEMBERED = 1024
+#: With ``--burst``, how long an idle slot waits for a message before it asks the broker
+#: whether its queues are empty (seconds).
+BURST_LOOK = 0.05
 
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
@@ -91,6 +94,9 @@ class Slot:
         #: the message back (to us, usually), and running it again would only repeat it.
         self.finished_unsettled: OrderedDict[tuple[str, Any], None] = OrderedDict()
         self.stopping = False
+        #: The slot retired between tasks to be replaced (``--max-tasks-per-child``, ...).
+        self.recycle = False
+        self.tasks_run = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -226,7 +232,8 @@ class Slot:
                 exec_fd = self.executor.fileno() if self.executor is not None else -1
                 if exec_fd >= 0:
                     poller.register(exec_fd, _POLLIN)
-            for fd in self._ready(link, poller, next_tick):
+            ready = self._ready(link, poller, next_tick)
+            for fd in ready:
                 if fd == link_fd:
                     link.drain()
                 elif fd == exec_fd and self.executor is not None:
@@ -236,6 +243,8 @@ class Slot:
                     self._drain_wake()
             if self.current is None and self.inbox:
                 self._start(self.inbox.popleft())
+            elif not ready and self.options.burst:
+                self._stop_if_drained(link)
             self._check_time_limit()
             now = time.monotonic()
             if now >= next_tick:
@@ -251,6 +260,8 @@ class Slot:
         if self.inbox and self.current is None:  # a link may hand over the next at once
             return [fd for fd, _ in poller.poll(0)]
         wait = next_tick - time.monotonic()
+        if self.options.burst and self.current is None:
+            wait = min(wait, BURST_LOOK)
         wakeup = link.next_wakeup()
         if wakeup is not None and wakeup < wait:
             ready = [fd for fd, _ in poller.poll(self._timeout_ms(wakeup))]
@@ -269,6 +280,37 @@ class Slot:
             link.start()
             self.consuming = True
         return True
+
+    def _stop_if_drained(self, link: SlotLink) -> None:
+        """``--burst``: an idle slot stops once its queues have nothing ready. It stops
+        taking messages first and looks again, so that one that crossed the pause is run."""
+        if self.current is not None or self.inbox or self.stopping or link.ready_now():
+            return
+        link.pause()
+        self.consuming = False
+        if self.inbox or link.ready_now():
+            return  # run it; _keep_serving starts taking messages again afterwards
+        log.info("%s: no message ready in %s (--burst): stopping", self.name,
+                 ", ".join(self.options.queues))
+        self.stopping = True
+
+    def _retire_if_due(self) -> None:
+        """Between tasks: retire the slot process to be replaced when it ran its
+        ``--max-tasks-per-child`` or grew past ``--max-memory-per-child``."""
+        options = self.options
+        reason = ""
+        if options.max_tasks_per_child and self.tasks_run >= options.max_tasks_per_child:
+            reason = f"it ran {self.tasks_run} tasks (--max-tasks-per-child)"
+        elif options.max_memory_per_child:
+            rss = resident_mib()
+            if rss > options.max_memory_per_child:
+                reason = (f"its RSS is {rss:.1f} MiB, over --max-memory-per-child "
+                          f"{options.max_memory_per_child:g}")
+        if reason and not self.stopping:
+            log.info("%s (pid %d): replacing the slot process: %s", self.name, os.getpid(),
+                     reason)
+            self.recycle = True
+            self.stop()
 
     def _timeout_ms(self, seconds: float) -> int:
         if self.hard_limit is not None:
@@ -364,6 +406,8 @@ class Slot:
                 )
                 self._replace_executor()
             return
+        self.tasks_run += 1
+        self._retire_if_due()  # before settling: a retiring slot takes no next message
         try:
             if outcome is None:
                 self._worker_lost(delivery, link)
@@ -518,6 +562,16 @@ class Slot:
             self.executor.close()
             self.executor = None
             self._executor_changed = True
+
+
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 where /proc can't tell)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
 def _run_key(delivery: Delivery) -> tuple[str, Any]:

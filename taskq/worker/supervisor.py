@@ -52,9 +52,21 @@ class Worker:
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         shutdown_timeout: float = 60.0,
+        burst: bool = False,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: float | None = None,
     ) -> None:
         if pool not in POOLS:
             raise ConfigurationError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+        if pool == "threads" and (max_tasks_per_child or max_memory_per_child):
+            raise ConfigurationError(
+                "--max-tasks-per-child and --max-memory-per-child replace slot processes: "
+                "use them with --pool process"
+            )
+        for name, value in (("max_tasks_per_child", max_tasks_per_child),
+                            ("max_memory_per_child", max_memory_per_child)):
+            if value is not None and value <= 0:
+                raise ConfigurationError(f"{name} must be a positive number")
         names = list(dict.fromkeys(queues or [app.config.default_queue]))
         if not all(names):
             raise ConfigurationError("queue names must not be empty (check -Q)")
@@ -73,6 +85,9 @@ class Worker:
                 soft_time_limit if soft_time_limit is not None else app.config.soft_time_limit
             ),
             hostname=f"{os.getpid()}@{socket.gethostname()}",
+            burst=burst,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
         )
         self.shutdown_timeout = shutdown_timeout
         self.outages = OutageLog(self.broker.display_url)
@@ -145,6 +160,8 @@ class Worker:
             limits,
             "\n               ".join(sorted(self.app.tasks)) or "(none registered)",
         )
+        if self.options.burst:
+            log.info("--burst: the worker exits once its queues have no message ready")
         if self.options.pool == "threads" and self.options.soft_time_limit:
             log.warning(
                 "soft time limits need the process pool (signals reach only a "
@@ -210,6 +227,9 @@ class Worker:
                 return 1
             if self._stop_deadline is None:
                 pool.restart_due()
+                if self.options.burst and not pool.slots and not pool.restart_at:
+                    log.info("worker stopped: no message ready in its queues (--burst)")
+                    return 0
             elif not pool.slots:
                 if pool.fatal:
                     raise TaskqError(pool.fatal)

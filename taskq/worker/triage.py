@@ -37,6 +37,11 @@ class SlotOptions:
     time_limit: float | None
     soft_time_limit: float | None
     hostname: str
+    #: Stop once the queues have nothing ready (``--burst``).
+    burst: bool = False
+    #: Replace the slot process after this many tasks / once its RSS is over this (MiB).
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: float | None = None
 
 
 @dataclass(frozen=True)

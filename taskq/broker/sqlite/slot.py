@@ -174,6 +174,12 @@ class SqliteSlot(SlotLink):
             properties={"content_encoding": props.get("content_encoding"), "lost": lost},
         ))
 
+    def ready_now(self) -> bool:
+        rows = self.store.read(
+            f"SELECT 1 FROM messages WHERE queue IN ({self._placeholders}) "
+            "AND holder IS NULL AND due <= ? LIMIT 1", [*self.queues, time.time()])
+        return bool(rows)
+
     def next_wakeup(self) -> float | None:
         """Until the earliest delayed message is due and, while idle, at most until FALLBACK
         seconds after the last look (a missed wake-up). A busy slot looks when it settles."""

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Concatenate, Literal, TypeVar, overload
 
 from .broker import Broker, broker_for
-from .config import Config
+from .config import Config, check_priority
 from .errors import BatchPublishError, ConfigurationError
 from .message import Envelope, task_envelope
 from .producer import Producer
@@ -87,6 +87,7 @@ class App:
         retry_jitter: bool = ...,
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
+        priority: int | None = ...,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     @overload
@@ -105,6 +106,7 @@ class App:
         retry_jitter: bool = ...,
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
+        priority: int | None = ...,
     ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     def task(self, *fns: Callable[..., Any], **options: Any) -> Any:
@@ -122,6 +124,7 @@ class App:
         if "autoretry_for" in opts:
             opts["autoretry_for"] = tuple(opts["autoretry_for"])
         name = opts.pop("name", None) or self._default_name(fn)
+        check_priority(opts.get("priority"))
         try:
             task_options = TaskOptions(name=name, **opts)
         except TypeError as exc:
@@ -197,8 +200,10 @@ class App:
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         ignore_result: bool = False,
+        priority: int | None = None,
     ) -> AsyncResult[Any]:
         """Send a task by name (it need not be defined in this process)."""
+        priority = check_priority(priority)
         if countdown is None and eta is None and expires is None:
             delay, expires_at = 0.0, None
         else:
@@ -231,6 +236,7 @@ class App:
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
             ignore_result=ignore_result,
+            priority=priority,
         )
         result: AsyncResult[Any] = AsyncResult(
             task_id, name, pending, self._replies, self.exceptions

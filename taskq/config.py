@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +16,8 @@ DEFAULT_BROKER_URL = "sqlite:///taskq.db"
 BROKER_URL_ENV = "TASKQ_BROKER_URL"
 
 SERIALIZERS = ("json", "pickle")
+#: The highest priority a message can carry (one octet on the wire).
+MAX_PRIORITY = 255
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class Config:
     ssl_key_file: str | None = None
     #: Verify that the broker's certificate names the host in the URL. Leave on.
     ssl_verify_hostname: bool = True
+    #: Priority queues: the highest priority their messages may have (1-255; RabbitMQ's
+    #: ``x-max-priority``, 10 or less is best). An int makes every queue this app declares
+    #: a priority queue; ``{"queue": 10}`` only the queues named. None: no priorities.
+    max_priority: int | Mapping[str, int] | None = None
     #: Run every task in the calling process, at once, instead of sending it (for tests):
     #: ``.delay()`` returns an :class:`~taskq.result.EagerResult`. See :mod:`taskq.eager`.
     eager: bool = False
@@ -85,6 +92,13 @@ class Config:
             raise ConfigurationError("max_message_size must be at least 1024 bytes")
         if not self.default_queue:
             raise ConfigurationError("default_queue must be a non-empty queue name")
+        ceilings = (self.max_priority.values() if isinstance(self.max_priority, Mapping)
+                    else [self.max_priority] if self.max_priority is not None else [])
+        if not all(_whole(n) and 1 <= n <= MAX_PRIORITY for n in ceilings):
+            raise ConfigurationError(
+                f"max_priority must be a whole number from 1 to {MAX_PRIORITY} (or a mapping "
+                f"of queue names to such numbers), not {self.max_priority!r}"
+            )
         check_url(self.broker_url)
         if not isinstance(self.broker_url, BrokerURL):
             object.__setattr__(self, "broker_url", BrokerURL(self.broker_url))
@@ -103,6 +117,12 @@ class Config:
             settings["accept"] = tuple(settings["accept"])
         url = broker_url or os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
         return cls(broker_url=url, **settings)
+
+    def max_priority_for(self, queue: str) -> int | None:
+        """The priority range ``queue`` is declared with (None: not a priority queue)."""
+        if isinstance(self.max_priority, Mapping):
+            return self.max_priority.get(queue)
+        return self.max_priority
 
     @property
     def display_url(self) -> str:
@@ -166,3 +186,19 @@ def check_url(url: str) -> None:
                 f"broker URL {mask_url(part)} has a port that is not a number "
                 f"({host.rpartition(':')[2]!r}): write host:port, e.g. localhost:5672"
             ) from None
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_priority(priority: object) -> int | None:
+    """A message priority as given (None: the queue's lowest), or a one-line error."""
+    if priority is None:
+        return None
+    if not _whole(priority) or not 0 <= priority <= MAX_PRIORITY:  # type: ignore[operator]
+        raise ConfigurationError(
+            f"priority must be a whole number from 0 to {MAX_PRIORITY} (higher runs first, "
+            f"up to the queue's max_priority), not {priority!r}"
+        )
+    return priority  # type: ignore[return-value]

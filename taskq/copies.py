@@ -28,6 +28,7 @@ def copy_of(
 ) -> Envelope:
     """The delivered message as a new one for ``queue``, with ``headers``."""
     encoding = delivery.properties.get("content_encoding")
+    priority = delivery.properties.get("priority")
     return Envelope(
         queue=queue,
         body=delivery.body,
@@ -37,6 +38,7 @@ def copy_of(
         reply_to=delivery.reply_to,
         delay=delay,
         content_encoding=encoding if isinstance(encoding, str) else None,
+        priority=priority if isinstance(priority, int) and priority > 0 else None,
     )
 
 

@@ -45,6 +45,8 @@ class Envelope:
     delay: float = 0.0
     #: Kept from the original when a message is copied (dead letters, retries).
     content_encoding: str | None = None
+    #: Higher runs first on a priority queue (None: the lowest; see Config.max_priority).
+    priority: int | None = None
 
     @property
     def task_id(self) -> str:
@@ -102,6 +104,7 @@ def task_envelope(
     parent_id: str | None = None,
     ignore_result: bool = False,
     extra_headers: Mapping[str, Any] | None = None,
+    priority: int | None = None,
 ) -> Envelope:
     """Build a protocol-v2 task message (raises EncodeError naming the task if args won't go)."""
     body = serialization.task_body(serializer, args, kwargs, f"arguments of task {name}")
@@ -136,6 +139,7 @@ def task_envelope(
         correlation_id=task_id,
         reply_to=reply_to,
         delay=delay,
+        priority=priority,
     )
 
 

@@ -40,6 +40,8 @@ class TaskOptions:
     retry_jitter: bool = True
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    #: Higher runs first on a priority queue (see ``App(max_priority=...)``).
+    priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class Task(Generic[P, R]):
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         ignore_result: bool | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Send the task with options; return once the broker has confirmed the message.
 
@@ -203,6 +206,7 @@ class Task(Generic[P, R]):
                 soft_time_limit if soft_time_limit is not None else self.options.soft_time_limit
             ),
             ignore_result=self.options.ignore_result if ignore_result is None else ignore_result,
+            priority=self.options.priority if priority is None else priority,
         )
 
     def apply(

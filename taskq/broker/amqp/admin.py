@@ -117,7 +117,9 @@ class QueueAdmin(Admin):
                     continue
                 envelope, note = rebuild(letter)
                 if envelope.queue not in self.declared:
-                    topology.declare_work_queue(self._publisher, envelope.queue)
+                    topology.declare_work_queue(
+                        self._publisher, envelope.queue,
+                        self.connector.config.max_priority_for(envelope.queue))
                     self.declared.add(envelope.queue)
                 window.append((confirms.send_routed(envelope, self.declared), received.tag,
                                letter, note))

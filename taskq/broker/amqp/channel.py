@@ -49,9 +49,12 @@ def message_properties(
     reply_to: str | None,
     *,
     content_encoding: str | None = None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     """Basic properties of a persistent message."""
     props: dict[str, Any] = {"delivery_mode": 2, "application_headers": headers}
+    if priority:
+        props["priority"] = priority
     if content_type:
         props["content_type"] = content_type
         props["content_encoding"] = content_encoding or _CONTENT_ENCODING.get(
@@ -132,6 +135,7 @@ class ConfirmChannel:
             envelope.correlation_id,
             envelope.reply_to,
             content_encoding=envelope.content_encoding,
+            priority=envelope.priority,
         )
         return self.send(
             envelope.body,

@@ -47,6 +47,7 @@ class ClientConnection(ClientLink):
     ) -> None:
         self.pid = os.getpid()
         self.blocked: str | None = None
+        self.config = connector.config
         self.setup_timeout = connector.config.connect_timeout
         deadline = time.monotonic() + timeout
         self.connection = connector.connect_once(
@@ -84,8 +85,11 @@ class ClientConnection(ClientLink):
         if queue in self.declared:
             return
         try:
-            topology.declare_work_queue(self.connection, queue)
+            topology.declare_work_queue(
+                self.connection, queue, self.config.max_priority_for(queue))
         except DeclarationConflict as exc:
+            if "x-max-priority" in str(exc):
+                raise  # priorities asked for (or not) that the queue would not honour
             # The queue exists, with arguments someone else chose: it can still take our
             # messages. Workers report such conflicts; a publisher only needs the queue.
             log.warning("%s; publishing to it as it is", exc)

@@ -62,7 +62,8 @@ class SlotConnection(SlotLink):
                 self._write = locked_writers(self.connection)
                 self.channel = plain_channel(self.connection)
                 for queue in self.queues:
-                    warning = topology.declare_work_queue(self.connection, queue)
+                    warning = topology.declare_work_queue(
+                        self.connection, queue, self.config.max_priority_for(queue))
                     if warning:
                         self.warnings.append(warning)
                     topology.declare_dead_letter_queue(self.channel, queue)

@@ -107,6 +107,7 @@ def _fits(envelope: Envelope, max_properties: int) -> bool:
                 envelope.correlation_id,
                 envelope.reply_to,
                 content_encoding=envelope.content_encoding,
+                priority=envelope.priority,
             )
         )
     except Exception:  # a value the encoder can't carry: clipping turns it into text

@@ -26,6 +26,7 @@ from typing import Any
 
 from amqp import exceptions as amqp_errors
 
+from ...config import Config
 from ...message import Delivery, Envelope
 from ..base import Reply
 from . import lost, topology
@@ -166,7 +167,8 @@ class SlotPublisher:
         deadline = time.monotonic() + self.config.publish_timeout
         with bound(self.connection).until(deadline):
             if envelope.queue not in self._known and envelope.queue not in self.declared:
-                topology.declare_work_queue(self.connection, envelope.queue)
+                topology.declare_work_queue(self.connection, envelope.queue,
+                                            self.config.max_priority_for(envelope.queue))
                 self.declared.add(envelope.queue)
             seq = self.confirms.send_routed(envelope, self.declared)
             stored = self.confirms.wait_until(
@@ -218,7 +220,7 @@ class SlotPublisher:
             if self._in_flight:  # sent before the block: the broker takes them first
                 self.confirms.wait_until(max(self._in_flight.values()), deadline)
             rest = [item for i, item in enumerate(owed) if i not in self._in_flight]
-            publish_owed(self.confirms, rest, self.declared, deadline)
+            publish_owed(self.confirms, rest, self.declared, deadline, self.config)
         self._in_flight.clear()
         self.spool.clear()
         if owed:
@@ -235,7 +237,8 @@ class SlotPublisher:
 
 
 def publish_owed(
-    confirms: ConfirmChannel, owed: list[Owed], declared: set[str], deadline: float
+    confirms: ConfirmChannel, owed: list[Owed], declared: set[str], deadline: float,
+    config: Config,
 ) -> None:
     """Publish what a spool holds, confirmed (pipelined); raise if the broker refused any."""
     last = 0
@@ -251,7 +254,8 @@ def publish_owed(
                 if env.queue.endswith(".dlq"):
                     topology.declare_dead_letter_queue(confirms.channel, env.queue[:-4])
                 else:
-                    topology.declare_work_queue(confirms.connection, env.queue)
+                    topology.declare_work_queue(confirms.connection, env.queue,
+                                                config.max_priority_for(env.queue))
                 declared.add(env.queue)
             last = confirms.send_routed(env, declared)
     if last:

@@ -143,7 +143,7 @@ class AmqpWorkerSupport(WorkerSupport):
             confirms = self._channel()
             deadline = time.monotonic() + self.broker.config.publish_timeout
             with bound(confirms.connection).until(deadline):
-                publish_owed(confirms, items, self.broker.declared, deadline)
+                publish_owed(confirms, items, self.broker.declared, deadline, self.broker.config)
             spool.clear()
         return len(items)
 

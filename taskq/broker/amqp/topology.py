@@ -25,11 +25,14 @@ def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dlq"
 
 
-def work_queue_arguments(queue: str) -> dict[str, Any]:
-    return {
+def work_queue_arguments(queue: str, max_priority: int | None = None) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": dead_letter_queue_name(queue),
     }
+    if max_priority:
+        arguments["x-max-priority"] = max_priority
+    return arguments
 
 
 def _declare(channel: Any, name: str, *, arguments: dict[str, Any] | None = None) -> None:
@@ -57,14 +60,14 @@ _INEQUIVALENT = re.compile(
 )
 
 
-def declare_work_queue(connection: Any, queue: str) -> str | None:
+def declare_work_queue(connection: Any, queue: str, max_priority: int | None = None) -> str | None:
     """Declare ``queue`` (on a channel of its own: a refusal closes the channel it came on).
 
     A queue that exists as another type (a quorum queue made by the operator) is declared as
     that type. One that exists without taskq's dead-letter arguments is used without them:
     returns a warning saying so. Any other difference is a DeclarationConflict.
     """
-    arguments = work_queue_arguments(queue)
+    arguments = work_queue_arguments(queue, max_priority)
     warning = None
     for _ in range(3):
         channel = connection.channel()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import Config
+from ...errors import DeclarationConflict
 from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
 from . import liveness
 from .store import Store, parse_url
@@ -102,12 +103,27 @@ class SqliteBroker(Broker):
         return len(queues)
 
     def register_queues(self, queues: Iterable[str]) -> None:
+        """Make the queues exist, with this app's priority range; a queue that exists with
+        another range is a DeclarationConflict (RabbitMQ's rule for ``x-max-priority``)."""
         new = [q for q in set(queues) if q not in self._registered_queues]
         if not new:
             return
+        ceiling = self.config.max_priority_for
         with self.store.write() as conn:
-            conn.executemany("INSERT OR IGNORE INTO queues (name, created) VALUES (?, ?)",
-                             [(q, time.time()) for q in new])
+            conn.executemany(
+                "INSERT OR IGNORE INTO queues (name, created, max_priority) VALUES (?, ?, ?)",
+                [(q, time.time(), ceiling(q)) for q in new])
+            found = conn.execute(
+                f"SELECT name, max_priority FROM queues WHERE name IN ({','.join('?' * len(new))})",
+                new).fetchall()
+        for name, existing in found:
+            if existing != ceiling(name):
+                raise DeclarationConflict(
+                    f"queue {name!r} already exists with different settings (max_priority "
+                    f"{existing} in {self.path}, {ceiling(name)} here): a queue keeps the "
+                    "priority range it was first used with; give every app the same "
+                    "max_priority for it, or use another queue name"
+                )
         self._registered_queues.update(new)
 
     # -- the links ---------------------------------------------------------------------------

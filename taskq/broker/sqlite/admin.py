@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BrokerError
 from ...message import Envelope
 from ..base import Admin, DeadLetter
-from .client import INSERT_MESSAGE, message_row
+from .client import insert_message
 from .store import decode_props
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class SqliteAdmin(Admin):
             now = time.time()
             with self.store.write() as conn:
                 for row, _, envelope, _ in moved:
-                    conn.execute(INSERT_MESSAGE, message_row(envelope, now))
+                    conn.execute(*insert_message(envelope, now))
                     conn.execute("DELETE FROM dead WHERE id = ?", (row[0],))
             self.broker.waker.wake({envelope.queue for _, _, envelope, _ in moved})
             for _, letter, _, note in moved:

@@ -12,7 +12,7 @@ import os
 import select
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...message import Delivery, Envelope
 from ..base import ClientLink
@@ -35,6 +35,19 @@ def message_row(envelope: Envelope, now: float) -> tuple[str, float, bytes, str]
 
 
 INSERT_MESSAGE = "INSERT INTO messages (queue, due, body, props) VALUES (?, ?, ?, ?)"
+#: The same with a priority, cut to the queue's range (none: 0), as RabbitMQ does.
+INSERT_RANKED = (
+    "INSERT INTO messages (queue, due, body, props, priority) VALUES (?, ?, ?, ?, "
+    "MIN(?, COALESCE((SELECT max_priority FROM queues WHERE name = ?), 0)))"
+)
+
+
+def insert_message(envelope: Envelope, now: float) -> tuple[str, tuple[Any, ...]]:
+    """The statement storing ``envelope``, and its parameters."""
+    row = message_row(envelope, now)
+    if envelope.priority:
+        return INSERT_RANKED, (*row, envelope.priority, envelope.queue)
+    return INSERT_MESSAGE, row
 #: An older message of the queue, due and unclaimed, after ours was committed. Then nobody
 #: needs waking for ours: every idle slot of that queue was woken for the older one and has
 #: not looked since (a slot that had looked would hold it), and every busy slot looks when
@@ -84,8 +97,8 @@ class SqliteClient(ClientLink):
 
     def publish(self, envelope: Envelope, deadline: float) -> None:
         self.broker.register_queues((envelope.queue,))
-        row = message_row(envelope, time.time())
-        message_id = self.store.write_one(INSERT_MESSAGE, row, deadline)
+        statement, row = insert_message(envelope, time.time())
+        message_id = self.store.write_one(statement, row, deadline)
         if envelope.delay > 0 or not self.store.read(BACKLOG, (row[0], row[1], message_id)):
             self.broker.waker.wake_one(envelope.queue)
 
@@ -95,7 +108,11 @@ class SqliteClient(ClientLink):
         self.broker.register_queues({e.queue for e in envelopes})
         now = time.time()
         with self.store.write(deadline) as conn:
-            conn.executemany(INSERT_MESSAGE, [message_row(e, now) for e in envelopes])
+            if any(e.priority for e in envelopes):
+                conn.executemany(INSERT_RANKED, [
+                    (*message_row(e, now), e.priority or 0, e.queue) for e in envelopes])
+            else:
+                conn.executemany(INSERT_MESSAGE, [message_row(e, now) for e in envelopes])
         confirmed.update(e.task_id for e in envelopes)
         self.broker.waker.wake({e.queue for e in envelopes})
         return {}

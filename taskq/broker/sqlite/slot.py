@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...message import Delivery, Envelope
 from ..base import DeliveryCallback, Reply, SlotLink
-from .client import INSERT_MESSAGE, message_row
+from .client import insert_message
 from .store import decode_props, encode_props
 from .wake import FALLBACK, Listener
 
@@ -38,7 +38,16 @@ SWEEP_EVERY = 2.0
 CLAIM = (
     "UPDATE messages SET holder = ?, deliveries = deliveries + 1 WHERE id = ("
     "SELECT id FROM messages WHERE queue = ? AND holder IS NULL AND due <= ? "
-    "ORDER BY due, id LIMIT 1) RETURNING id, body, props, deliveries, lost"
+    "ORDER BY due, id LIMIT 1) RETURNING id, body, props, deliveries, lost, priority"
+)
+#: On a priority queue: the highest priority first (the partial index holds only messages
+#: with one), then the oldest. Same parameters as CLAIM.
+CLAIM_RANKED = (
+    "UPDATE messages SET holder = ?1, deliveries = deliveries + 1 WHERE id = COALESCE(("
+    "SELECT id FROM messages WHERE queue = ?2 AND holder IS NULL AND priority > 0 "
+    "AND due <= ?3 ORDER BY priority DESC, due, id LIMIT 1), ("
+    "SELECT id FROM messages WHERE queue = ?2 AND holder IS NULL AND due <= ?3 "
+    "ORDER BY due, id LIMIT 1)) RETURNING id, body, props, deliveries, lost, priority"
 )
 
 
@@ -81,6 +90,8 @@ class SqliteSlot(SlotLink):
         self._next_sweep = time.monotonic() + SWEEP_EVERY
         self._last_look = time.monotonic()
         self._placeholders = ",".join("?" * len(self.queues))
+        ceiling = broker.config.max_priority_for
+        self._claims = {q: CLAIM_RANKED if ceiling(q) else CLAIM for q in self.queues}
         self._started = False
         _LINKS.add(self)
 
@@ -149,7 +160,7 @@ class SqliteSlot(SlotLink):
         now = time.time()
         for step in range(len(self.queues)):
             queue = self.queues[(self._turn + step) % len(self.queues)]
-            row = conn.execute(CLAIM, (self.holder, queue, now)).fetchone()
+            row = conn.execute(self._claims[queue], (self.holder, queue, now)).fetchone()
             if row is not None:
                 self._turn = (self._turn + step + 1) % len(self.queues)
                 self._held = row[0]
@@ -160,7 +171,7 @@ class SqliteSlot(SlotLink):
         if taken is None:
             return
         self._next_due = None
-        queue, (message_id, body, props_text, deliveries, lost) = taken
+        queue, (message_id, body, props_text, deliveries, lost, priority) = taken
         props = decode_props(props_text)
         self._on_delivery(Delivery(
             body=body,
@@ -171,7 +182,8 @@ class SqliteSlot(SlotLink):
             redelivered=deliveries > 1,
             queue=queue,
             tag=message_id,
-            properties={"content_encoding": props.get("content_encoding"), "lost": lost},
+            properties={"content_encoding": props.get("content_encoding"), "lost": lost,
+                        "priority": priority},
         ))
 
     def ready_now(self) -> bool:
@@ -284,7 +296,7 @@ class SqliteSlot(SlotLink):
     def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
         woken = [envelope.queue]
         with self.store.write() as conn:
-            conn.execute(INSERT_MESSAGE, message_row(envelope, time.time()))
+            conn.execute(*insert_message(envelope, time.time()))
             self._file_reply(conn, delivery, reply, woken)
             taken = self._release(conn, delivery)
         self._done(taken, woken)

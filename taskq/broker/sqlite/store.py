@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -30,7 +31,9 @@ from ...errors import BrokerUnavailable, ConfigurationError
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("taskq.broker")
+
+SCHEMA_VERSION = 2
 #: A commit that finds this many pages in the write-ahead log copies them into the file
 #: itself (a checkpoint, with an fsync at ``normal``) before it returns. A running worker
 #: checkpoints in the background every :data:`CHECKPOINT_EVERY` seconds, so with a worker up
@@ -56,7 +59,7 @@ NETWORK_FILESYSTEMS = frozenset({
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE queues (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE queues (name TEXT PRIMARY KEY, created REAL NOT NULL, max_priority INTEGER);
 CREATE TABLE messages (
     id INTEGER PRIMARY KEY,
     queue TEXT NOT NULL,
@@ -65,9 +68,12 @@ CREATE TABLE messages (
     props TEXT NOT NULL,
     holder INTEGER,
     deliveries INTEGER NOT NULL DEFAULT 0,
-    lost INTEGER NOT NULL DEFAULT 0
+    lost INTEGER NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX messages_ready ON messages (queue, due, id) WHERE holder IS NULL;
+CREATE INDEX messages_ranked ON messages (queue, priority DESC, due, id)
+    WHERE holder IS NULL AND priority > 0;
 CREATE INDEX messages_held ON messages (holder) WHERE holder IS NOT NULL;
 CREATE TABLE replies (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, body BLOB NOT NULL,
                       props TEXT NOT NULL);
@@ -87,6 +93,18 @@ CREATE INDEX dead_queue ON dead (queue, id);
 CREATE TABLE holders (id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL,
                       started REAL NOT NULL);
 """
+
+
+#: How a file of an older schema becomes the current one (in one transaction, on first open).
+MIGRATIONS = {
+    # 1 → 2: priority queues.
+    "1": """
+ALTER TABLE queues ADD COLUMN max_priority INTEGER;
+ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_ranked ON messages (queue, priority DESC, due, id)
+    WHERE holder IS NULL AND priority > 0;
+""",
+}
 
 
 def parse_url(url: str) -> tuple[Path, str]:
@@ -255,9 +273,20 @@ class Store:
                 conn.execute("INSERT INTO meta VALUES ('format', ?), ('schema', ?)",
                              (FORMAT, str(SCHEMA_VERSION)))
                 return
-        meta: dict[str, str] = {}
-        if "meta" in tables:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            meta: dict[str, str] = {}
+            if "meta" in tables:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            migration = MIGRATIONS.get(meta.get("schema", "")) if meta.get("format") == FORMAT \
+                else None
+            if migration is not None:  # an older taskq's file: brought up to date, in place
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
+                             (str(SCHEMA_VERSION),))
+                log.info("%s: schema %s brought up to schema %d", self.path,
+                         meta.get("schema"), SCHEMA_VERSION)
+                return
         if meta.get("format") != FORMAT:
             raise ConfigurationError(
                 f"{self.path} is an SQLite database that is not taskq's (it has other tables): "

@@ -46,6 +46,7 @@ from .errors import (
     Unroutable,
     WorkerLostError,
 )
+from .hooks import TaskRun
 from .result import AsyncResult, EagerResult
 from .task import Request, Task
 
@@ -84,6 +85,7 @@ __all__ = [
     "Task",
     "TaskExpired",
     "TaskFailure",
+    "TaskRun",
     "TaskqError",
     "TimeLimitExceeded",
     "TimeoutError",

@@ -15,6 +15,7 @@ from typing import Any, Concatenate, Literal, TypeVar, overload
 from .broker import Broker, broker_for
 from .config import Config, check_priority
 from .errors import BatchPublishError, ConfigurationError
+from .hooks import Hooks
 from .message import Envelope, task_envelope
 from .producer import Producer
 from .replies import ReplyConsumer
@@ -25,6 +26,7 @@ from .task import P, R, Task, TaskOptions, main_module_name, new_task_id, resolv
 log = logging.getLogger("taskq")
 
 E = TypeVar("E", bound=Exception)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class App:
@@ -56,6 +58,8 @@ class App:
         for cls in exceptions:
             self.exception(cls)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Functions called at points of a worker's and a task's life (see :mod:`taskq.hooks`).
+        self.hooks = Hooks()
         self._lock = threading.RLock()
         self._broker: Broker | None = None
         self._producer: Producer | None = None
@@ -88,6 +92,7 @@ class App:
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
         priority: int | None = ...,
+        base: type[Task[Any, Any]] = ...,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     @overload
@@ -107,6 +112,7 @@ class App:
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
         priority: int | None = ...,
+        base: type[Task[Any, Any]] = ...,
     ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
     def task(self, *fns: Callable[..., Any], **options: Any) -> Any:
@@ -123,6 +129,10 @@ class App:
         opts = dict(options)
         if "autoretry_for" in opts:
             opts["autoretry_for"] = tuple(opts["autoretry_for"])
+        base = opts.pop("base", Task)
+        if not (isinstance(base, type) and issubclass(base, Task)):
+            raise ConfigurationError(
+                f"@task(base=...) must be a subclass of taskq.Task, not {base!r}")
         name = opts.pop("name", None) or self._default_name(fn)
         check_priority(opts.get("priority"))
         try:
@@ -134,7 +144,7 @@ class App:
             raise ConfigurationError(
                 f"two different functions are registered as task {name!r}; give one a name= "
             )
-        task: Task[Any, Any] = Task(self, fn, task_options)
+        task: Task[Any, Any] = base(self, fn, task_options)
         self.tasks[name] = task
         return task
 
@@ -158,6 +168,40 @@ class App:
         if module == "__main__":  # a worker imports the script under its module name
             self.exceptions[(self.main or main_module_name(), cls.__qualname__)] = cls
         return cls
+
+    # -- hooks (see taskq.hooks: where each is called, with what) ------------------------------
+
+    def on_worker_start(self, fn: F) -> F:
+        """``@app.on_worker_start``: ``fn()`` once in a worker's main process, before slots."""
+        self.hooks.worker_start.append(fn)
+        return fn
+
+    def on_slot_start(self, fn: F) -> F:
+        """``@app.on_slot_start``: ``fn()`` in each process (or slot thread) that runs tasks,
+        before its first task: where to open database pools and clients."""
+        self.hooks.slot_start.append(fn)
+        return fn
+
+    def on_send(self, fn: F) -> F:
+        """``@app.on_send``: ``fn(headers)`` for each task message sent from this process; what
+        it adds to ``headers`` reaches the task (``self.request.headers``)."""
+        self.hooks.send.append(fn)
+        return fn
+
+    def before_task(self, fn: F) -> F:
+        """``@app.before_task``: ``fn(run)`` (a :class:`taskq.TaskRun`) before each run."""
+        self.hooks.before_task.append(fn)
+        return fn
+
+    def after_task(self, fn: F) -> F:
+        """``@app.after_task``: ``fn(run)`` after each run, with its outcome and runtime."""
+        self.hooks.after_task.append(fn)
+        return fn
+
+    def on_failure(self, fn: F) -> F:
+        """``@app.on_failure``: ``fn(run)`` after a run that raised and will not be retried."""
+        self.hooks.failure.append(fn)
+        return fn
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -216,6 +260,10 @@ class App:
 
             return run_eagerly(self, name, args, kwargs or {}, queue, task_id, ignore_result,
                                time_limit=time_limit, soft_time_limit=soft_time_limit)
+        extra_headers: dict[str, Any] | None = None
+        if self.hooks.send:  # each adds to the headers it is given
+            extra_headers = {}
+            self.hooks.call("on_send", self.hooks.send, extra_headers)
         pending = None
         reply_to = None
         if not ignore_result:
@@ -237,6 +285,7 @@ class App:
             soft_time_limit=soft_time_limit,
             ignore_result=ignore_result,
             priority=priority,
+            extra_headers=extra_headers,
         )
         result: AsyncResult[Any] = AsyncResult(
             task_id, name, pending, self._replies, self.exceptions

@@ -45,6 +45,8 @@ def run_eagerly(
 ) -> EagerResult[Any]:
     """Run task ``name`` here, now; its outcome as a result handle."""
     config = app.config
+    extra_headers: dict[str, Any] = {}
+    app.hooks.call("on_send", app.hooks.send, extra_headers)
     retries = 0
     while True:
         envelope = task_envelope(
@@ -58,6 +60,7 @@ def run_eagerly(
             retries=retries,
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
+            extra_headers=extra_headers,
         )
         check_size(envelope, config.max_message_size)
         job = Job(

@@ -144,6 +144,40 @@ class Task(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<task {self.name}>"
 
+    # -- handlers a task class may define (``@app.task(base=MyTask)``) --------------------------
+
+    def on_success(
+        self, retval: Any, task_id: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Called where the task ran, after it returned ``retval``."""
+
+    def on_failure(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        traceback: str,
+    ) -> None:
+        """Called where the task ran, after it raised ``exc`` (and will not be retried)."""
+
+    def on_retry(
+        self,
+        exc: BaseException,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        traceback: str,
+    ) -> None:
+        """Called where the task ran, when it is to run again (``self.retry()``, autoretry)."""
+
+    @functools.cached_property
+    def has_handlers(self) -> bool:
+        """Whether this task's class defines any of the handlers above (worth calling)."""
+        cls = type(self)
+        return any(getattr(cls, name) is not getattr(Task, name)
+                   for name in ("on_success", "on_failure", "on_retry"))
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.options.bind:
             return self.fn(self, *args, **kwargs)

@@ -26,6 +26,7 @@ from ..errors import (
     Retry,
     SoftTimeLimitExceeded,
 )
+from ..hooks import FAILED, RETRIED, SUCCEEDED, TaskRun
 from ..message import Delivery, exception_to_wire, parse_body, parse_time, result_body
 from ..serialization import CONTENT_TYPES, SERIALIZER_FOR
 from ..task import Request, Task, current_request
@@ -99,31 +100,91 @@ def execute(app: App, job: Job, *, use_signals: bool = True) -> Outcome:
     if isinstance(admitted, Outcome):
         return admitted
     task, args, kwargs = admitted
-    token = current_request.set(lambda: _request(job, args, kwargs))
+    run = _begin(app, task, job, args, kwargs)
+    token = current_request.set(run.request if run else lambda: _request(job, args, kwargs))
     soft = job.soft_time_limit if use_signals else None
     started = time.perf_counter()
     try:
-        if soft:
-            signal.setitimer(signal.ITIMER_REAL, soft)
-        try:
-            value = task.run(args, kwargs)
-        finally:
-            if soft:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+        value = _call(task, args, kwargs, soft)
     except Retry as retry:
-        return _retry_outcome(job, retry)
+        return _retried(app, run, job, retry, time.perf_counter() - started)
     except BaseException as exc:
         if task.options.autoretry_for and isinstance(exc, task.options.autoretry_for):
             try:
                 task.retry(exc=exc)
             except Retry as retry:
-                return _retry_outcome(job, retry)
+                return _retried(app, run, job, retry, time.perf_counter() - started)
             except BaseException as final:
                 exc = final
-        return _failure(job, exc, time.perf_counter() - started)
+        return _failed(app, run, job, exc, time.perf_counter() - started)
     finally:
         current_request.reset(token)
-    return _success(job, value, time.perf_counter() - started)
+    runtime = time.perf_counter() - started
+    try:
+        outcome = _success(job, value, runtime)
+    except EncodeError as exc:
+        return _failed(app, run, job, exc, runtime)
+    if run is not None:
+        run.outcome, run.runtime, run.result = SUCCEEDED, runtime, value
+        _handler(run, "on_success", value, job.task_id, run.request.args, run.request.kwargs)
+        app.hooks.call("after_task", app.hooks.after_task, run)
+    return outcome
+
+
+def _call(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any],
+          soft: float | None) -> Any:
+    if not soft:
+        return task.run(args, kwargs)
+    signal.setitimer(signal.ITIMER_REAL, soft)
+    try:
+        return task.run(args, kwargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _begin(
+    app: App, task: Task[Any, Any], job: Job, args: list[Any], kwargs: dict[str, Any]
+) -> TaskRun | None:
+    """The run the hooks see (None when nothing watches: the request is then built only if
+    the task asks for it), after the before_task hooks."""
+    hooks = app.hooks
+    if not (hooks.before_task or hooks.after_task or hooks.failure or task.has_handlers):
+        return None
+    run = TaskRun(task, _request(job, args, kwargs))
+    hooks.call("before_task", hooks.before_task, run)
+    return run
+
+
+def _handler(run: TaskRun, name: str, *args: Any) -> None:
+    """The task class's own handler (``on_success`` ...), if it has one: like a hook, what
+    it raises is logged and changes nothing."""
+    if run.task.has_handlers:
+        run.task.app.hooks.call(f"{run.task.name}.{name}", [getattr(run.task, name)], *args)
+
+
+def _retried(app: App, run: TaskRun | None, job: Job, retry: Retry, runtime: float) -> Outcome:
+    outcome = _retry_outcome(job, retry)
+    if run is not None:
+        run.outcome, run.runtime, run.exception = RETRIED, runtime, retry.exc or retry
+        run.traceback = _trace(run.exception)
+        _handler(run, "on_retry", run.exception, job.task_id, run.request.args,
+                 run.request.kwargs, run.traceback)
+        app.hooks.call("after_task", app.hooks.after_task, run)
+    return outcome
+
+
+def _failed(
+    app: App, run: TaskRun | None, job: Job, exc: BaseException, runtime: float
+) -> Outcome:
+    trace = _trace(exc)
+    outcome = _failure(job, exc, runtime, trace)
+    if run is not None:
+        run.outcome, run.runtime, run.exception, run.traceback = FAILED, runtime, exc, trace
+        _handler(run, "on_failure", exc, job.task_id, run.request.args, run.request.kwargs,
+                 trace)
+        app.hooks.call("on_failure", app.hooks.failure, run)
+        app.hooks.call("after_task", app.hooks.after_task, run)
+    return outcome
 
 
 def _admit(app: App, job: Job) -> tuple[Task[Any, Any], list[Any], dict[str, Any]] | Outcome:
@@ -189,8 +250,7 @@ def _success(job: Job, value: Any, runtime: float) -> Outcome:
     try:
         body = result_body(serializer, job.task_id, states.SUCCESS, value)
     except EncodeError as exc:
-        error = EncodeError(f"return value of {job.task} can't be sent: {exc}")
-        return _failure(job, error, runtime)
+        raise EncodeError(f"return value of {job.task} can't be sent: {exc}") from None
     return Outcome("done", body, content_type)
 
 
@@ -202,8 +262,11 @@ def _user_frames(exc: BaseException) -> TracebackType | None:
     return frames or exc.__traceback__
 
 
-def _failure(job: Job, exc: BaseException, runtime: float) -> Outcome:
-    trace = "".join(tb.format_exception(type(exc), exc, _user_frames(exc)))
+def _trace(exc: BaseException) -> str:
+    return "".join(tb.format_exception(type(exc), exc, _user_frames(exc)))
+
+
+def _failure(job: Job, exc: BaseException, runtime: float, trace: str) -> Outcome:
     log.error(
         "task %s[%s] raised %s after %.4fs:\n%s",
         job.task,

@@ -46,6 +46,7 @@ def child_main(app_spec: str, jobs: Connection, lifeline: Connection, loglevel: 
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     app = load_app(app_spec)
     install_soft_limit_handler()
+    app.hooks.call("on_slot_start", app.hooks.slot_start)  # tasks run here: pools open here
     jobs.send(("ready", os.getpid()))
     while True:
         try:

@@ -76,6 +76,7 @@ def slot_main(
     setup_logging(options.loglevel)
     app = load_app(options.app_spec)
     install_soft_limit_handler()
+    app.hooks.call("on_slot_start", app.hooks.slot_start)
     slot = Slot(
         app,
         options,

@@ -103,6 +103,7 @@ class Worker:
         try:
             self.support.recover()
             self._banner()
+            self.app.hooks.call("on_worker_start", self.app.hooks.worker_start)
             if self.options.pool == "threads":
                 return self._run_threads()
             return self._run_processes()
@@ -256,6 +257,7 @@ class Worker:
 
         def serve(slot: Slot) -> None:
             try:
+                self.app.hooks.call("on_slot_start", self.app.hooks.slot_start)
                 slot.run()
             except BaseException as exc:
                 errors.append(exc)

@@ -92,6 +92,8 @@ class App:
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
         priority: int | None = ...,
+        rate_limit: str | float | None = ...,
+        rate_limit_scope: Literal["worker", "global"] = ...,
         base: type[Task[Any, Any]] = ...,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
@@ -112,6 +114,8 @@ class App:
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
         priority: int | None = ...,
+        rate_limit: str | float | None = ...,
+        rate_limit_scope: Literal["worker", "global"] = ...,
         base: type[Task[Any, Any]] = ...,
     ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 

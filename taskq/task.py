@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .errors import ConfigurationError, MaxRetriesExceededError, Retry
+from .rates import check_scope, interval_of
 
 if TYPE_CHECKING:
     from .app import App
@@ -42,6 +43,9 @@ class TaskOptions:
     soft_time_limit: float | None = None
     #: Higher runs first on a priority queue (see ``App(max_priority=...)``).
     priority: int | None = None
+    #: At most one start per interval, e.g. "100/m" (see :mod:`taskq.rates`).
+    rate_limit: str | float | None = None
+    rate_limit_scope: str = "worker"
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,11 @@ class Task(Generic[P, R]):
         self.call_signature = f"{options.name}{_bare(signature)}"
         #: (required, total) positional counts when positional calls need no bind() to check.
         self._arity = _simple_arity(signature)
+        #: Seconds between two starts (None: no rate limit).
+        self.rate_interval = (
+            interval_of(options.rate_limit) if options.rate_limit is not None else None
+        )
+        check_scope(options.rate_limit_scope)
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:

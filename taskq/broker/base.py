@@ -148,6 +148,12 @@ class SlotLink(abc.ABC):
         """Handle what arrived; deliveries go to the callback given when it was opened."""
 
     @abc.abstractmethod
+    def admit(self, key: str, interval: float) -> bool:
+        """Whether a run limited to one start per ``interval`` seconds under ``key`` may
+        start now; if so, the start is recorded (atomically, for every process of the
+        broker). False: not before the interval since the last start has passed."""
+
+    @abc.abstractmethod
     def ready_now(self) -> bool:
         """Whether a message of the link's queues is ready to be taken now (not one held,
         nor one delayed to later). Asks the broker: for ``--burst``, not for every loop."""

@@ -32,6 +32,7 @@ from ..broker.records import RunRecord
 from ..copies import delayed, retry
 from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
 from ..message import Delivery
+from ..rates import Pacer
 from .execute import Job, Outcome, execute, failure_outcome
 from .executor import ProcessExecutor, forkserver_context
 from .triage import Later, Refuse, SlotOptions, reply_to, triage
@@ -97,6 +98,7 @@ class Slot:
         #: The slot retired between tasks to be replaced (``--max-tasks-per-child``, ...).
         self.recycle = False
         self.tasks_run = 0
+        self.pacer = Pacer()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -342,10 +344,31 @@ class Slot:
             self._reject(delivery, decision.error)
         elif isinstance(decision, Later):
             self._later(delivery, decision.seconds)
+        elif self._held_back(delivery):
+            pass
         elif decision.hard_limit:
             self._submit(delivery, decision.job, decision.hard_limit)
         else:
             self._run_here(delivery, decision.job)
+
+    def _held_back(self, delivery: Delivery) -> bool:
+        """A rate-limited task that may not start yet goes back to the broker until the
+        next free interval (see :mod:`taskq.rates`); the slot takes other work."""
+        task = self.app.tasks.get(delivery.task_name or "")
+        interval = task.rate_interval if task is not None else None
+        if task is None or interval is None:
+            return False
+        key = task.name
+        if task.options.rate_limit_scope == "worker":
+            key = f"{task.name}@{self.options.hostname}"
+        assert self.link is not None
+        if self.link.admit(key, interval):
+            return False
+        wait = self.pacer.later(key, interval)
+        self.link.forward(delivery, delayed(delivery, wait), None)
+        log.debug("task %s[%s] is rate limited (%s): back to the broker for %.3fs",
+                  delivery.task_name, delivery.task_id, task.options.rate_limit, wait)
+        return True
 
     def _running(self, delivery: Delivery, job: Job) -> None:
         assert self.link is not None

@@ -205,6 +205,10 @@ class SlotConnection(SlotLink):
                 "(queue deleted?)"
             )
 
+    def admit(self, key: str, interval: float) -> bool:
+        assert self.publisher is not None
+        return self.publisher.admit(key, interval)
+
     def ready_now(self) -> bool:
         """Asks for each queue's count of ready messages (a passive declare). Deliveries that
         arrive meanwhile are taken as usual, so a look also finds what was on its way."""

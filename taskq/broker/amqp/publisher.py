@@ -104,6 +104,8 @@ class SlotPublisher:
         self.input = Input(self.connection)
         #: The most a message's encoded properties may take: its header frame must fit in
         #: one frame (frame_max, less the frame's 8 bytes and the header's own 12).
+        #: Rate queues declared, and when to declare each again (monotonic).
+        self._rate_queues: dict[str, float] = {}
         self.max_properties = int(self.connection.frame_max) - 8 - 12 - 64
 
     def _on_blocked(self, reason: str) -> None:
@@ -187,6 +189,25 @@ class SlotPublisher:
             raise amqp_errors.RecoverableChannelError(
                 f"the broker did not take the message for {envelope.queue}: {reason}"
             )
+
+    def admit(self, key: str, interval: float) -> bool:
+        """Mark a start in the key's rate queue: True if the broker took the mark."""
+        if self._spooling():
+            return False  # the broker refuses publishes for now: not a start either
+        queue = topology.rate_queue_name(key, interval)
+        deadline = time.monotonic() + self.config.publish_timeout
+        with bound(self.connection).until(deadline):
+            if self._rate_queues.get(queue, 0.0) <= time.monotonic():
+                topology.declare_rate_queue(self.confirms.channel, queue, interval)
+                # Declared again well before it could expire unused (publishes don't count).
+                self._rate_queues[queue] = (
+                    time.monotonic() + topology.rate_queue_expires(interval) / 4)
+            seq = self.confirms.send(b"", {"delivery_mode": 1}, "", queue, queue)
+            self.confirms.wait_until(seq, deadline)
+        refused = self.confirms.refusal(seq, queue)
+        if refused and "no queue is bound" in refused:
+            self._rate_queues.pop(queue, None)  # it expired after all: declare it next time
+        return not refused
 
     def record_lost(self, name: str) -> None:
         """Count one lost run of the message whose count is ``name`` (see :mod:`lost`)."""

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -109,6 +110,33 @@ def declare_dead_letter_queue(channel: Any, queue: str) -> str:
     name = dead_letter_queue_name(queue)
     _declare(channel, name)
     return name
+
+
+def rate_queue_name(key: str, interval: float) -> str:
+    """Where the starts of a rate-limited task are marked: per key and interval (a changed
+    rate uses a new queue; the old one expires)."""
+    name = f"taskq.rate.{key}.{max(1, round(interval * 1000))}ms"
+    if len(name.encode()) > 200:  # a queue name is at most 255 bytes
+        name = f"taskq.rate.{hashlib.sha256(key.encode()).hexdigest()[:32]}." \
+               f"{max(1, round(interval * 1000))}ms"
+    return name
+
+
+def rate_queue_expires(interval: float) -> float:
+    """Seconds an unused rate queue lives: long past its last mark."""
+    return max(2 * interval, 300.0)
+
+
+def declare_rate_queue(channel: Any, name: str, interval: float) -> None:
+    """A queue that holds at most one mark and lets it expire after ``interval``: while it
+    holds one, the broker refuses (nacks) the next, so one publish decides atomically, for
+    every process, whether a start may happen now."""
+    _declare(channel, name, arguments={
+        "x-max-length": 1,
+        "x-overflow": "reject-publish",
+        "x-message-ttl": max(1, round(interval * 1000)),
+        "x-expires": round(rate_queue_expires(interval) * 1000),
+    })
 
 
 def declare_reply_queue(channel: Any, name: str, expires: float) -> None:

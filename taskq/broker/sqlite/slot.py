@@ -186,6 +186,16 @@ class SqliteSlot(SlotLink):
                         "priority": priority},
         ))
 
+    def admit(self, key: str, interval: float) -> bool:
+        with self.store.write() as conn:
+            now = time.time()
+            row = conn.execute("SELECT last FROM rates WHERE key = ?", (key,)).fetchone()
+            # (a last start in the future: the clock went back; don't stall for that long)
+            if row is not None and now - interval < row[0] <= now + interval:
+                return False
+            conn.execute("INSERT OR REPLACE INTO rates (key, last) VALUES (?, ?)", (key, now))
+        return True
+
     def ready_now(self) -> bool:
         rows = self.store.read(
             f"SELECT 1 FROM messages WHERE queue IN ({self._placeholders}) "

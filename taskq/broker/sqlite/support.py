@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from ..base import WorkerSupport
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from . import SqliteBroker
 
 log = logging.getLogger("taskq.broker")
+
+#: A rate key with no start for this long (seconds) is forgotten when a worker starts.
+STALE_RATES = 86400.0
 
 
 class SqliteWorkerSupport(WorkerSupport):
@@ -35,6 +39,8 @@ class SqliteWorkerSupport(WorkerSupport):
 
     def recover(self) -> None:
         self.broker.sweep()
+        with self.broker.store.write() as conn:  # rate keys of workers long gone
+            conn.execute("DELETE FROM rates WHERE last < ?", (time.time() - STALE_RATES,))
         self._checkpointer = threading.Thread(
             target=self._checkpoint, name="taskq-checkpoint", daemon=True)
         self._checkpointer.start()

@@ -20,7 +20,7 @@ from .message import Envelope, task_envelope
 from .producer import Producer
 from .replies import ReplyConsumer
 from .result import AsyncResult
-from .routing import Router
+from .routing import Router, check_routing_key
 from .task import P, R, Task, TaskOptions, main_module_name, new_task_id, resolve_schedule
 
 log = logging.getLogger("taskq")
@@ -249,8 +249,14 @@ class App:
         soft_time_limit: float | None = None,
         ignore_result: bool = False,
         priority: int | None = None,
+        routing_key: str | None = None,
     ) -> AsyncResult[Any]:
-        """Send a task by name (it need not be defined in this process)."""
+        """Send a task by name (it need not be defined in this process).
+
+        ``routing_key`` sends it by topic instead of to a queue: to every queue bound to a
+        pattern the key matches (``taskq worker -Q orders --bind 'eu.orders.*'``); an error
+        if none is.
+        """
         priority = check_priority(priority)
         if countdown is None and eta is None and expires is None:
             delay, expires_at = 0.0, None
@@ -258,7 +264,18 @@ class App:
             eta, delay, expires_at = resolve_schedule(countdown, eta, expires)
         task_id = task_id or new_task_id()
         config = self.config
-        queue = queue or self.router.queue_for(name) or config.default_queue
+        if routing_key is not None:
+            routing_key = check_routing_key(routing_key)
+            if queue is not None:
+                raise ConfigurationError("pass queue= or routing_key=, not both")
+        elif queue is None and (route := self.router.route_for(name)) is not None:
+            queue, routing_key = route.queue, route.routing_key
+        if routing_key is not None and delay > 0:
+            raise ConfigurationError(
+                "a task sent by routing_key can't be delayed (countdown/eta): send it to its "
+                "queue (queue=...) to delay it"
+            )
+        queue = queue or config.default_queue
         if config.eager:
             from .eager import run_eagerly  # the worker's own code path: loaded only if used
 
@@ -290,6 +307,7 @@ class App:
             ignore_result=ignore_result,
             priority=priority,
             extra_headers=extra_headers,
+            routing_key=routing_key,
         )
         result: AsyncResult[Any] = AsyncResult(
             task_id, name, pending, self._replies, self.exceptions

@@ -47,10 +47,19 @@ class Envelope:
     content_encoding: str | None = None
     #: Higher runs first on a priority queue (None: the lowest; see Config.max_priority).
     priority: int | None = None
+    #: Sent by topic: to every queue bound to a pattern this key matches (``queue`` unused).
+    routing_key: str | None = None
 
     @property
     def task_id(self) -> str:
         return str(self.headers.get("id") or self.correlation_id or "?")
+
+    @property
+    def destination(self) -> str:
+        """Where it goes, for messages: a queue, or a routing key."""
+        if self.routing_key is not None:
+            return f"routing key {self.routing_key!r}"
+        return f"queue {self.queue!r}"
 
 
 @dataclass(slots=True)
@@ -105,6 +114,7 @@ def task_envelope(
     ignore_result: bool = False,
     extra_headers: Mapping[str, Any] | None = None,
     priority: int | None = None,
+    routing_key: str | None = None,
 ) -> Envelope:
     """Build a protocol-v2 task message (raises EncodeError naming the task if args won't go)."""
     body = serialization.task_body(serializer, args, kwargs, f"arguments of task {name}")
@@ -140,6 +150,7 @@ def task_envelope(
         reply_to=reply_to,
         delay=delay,
         priority=priority,
+        routing_key=routing_key,
     )
 
 

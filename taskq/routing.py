@@ -12,12 +12,15 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError
 
 #: Keys a route given as a mapping may have.
-ROUTE_KEYS = frozenset({"queue"})
+ROUTE_KEYS = frozenset({"queue", "routing_key"})
+#: The longest routing key or binding pattern (AMQP's short string).
+MAX_KEY_BYTES = 255
 
 
 class Router:
@@ -26,17 +29,22 @@ class Router:
             raise ConfigurationError(
                 f"routes must be a mapping of task-name patterns to queues, not {routes!r}"
             )
-        self._routes: list[tuple[re.Pattern[str], str]] = [
-            (re.compile(fnmatch.translate(_pattern(p))), _queue(p, v)) for p, v in routes.items()
+        self._routes: list[tuple[re.Pattern[str], Route]] = [
+            (re.compile(fnmatch.translate(_pattern(p))), _route(p, v)) for p, v in routes.items()
         ]
-        #: Task name → queue (or None), once looked up: patterns are tried once per name.
-        self._chosen: dict[str, str | None] = {}
+        #: Task name → route (or None), once looked up: patterns are tried once per name.
+        self._chosen: dict[str, Route | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self._routes)
 
     def queue_for(self, task_name: str) -> str | None:
         """The queue of the first route matching ``task_name``, or None."""
+        route = self.route_for(task_name)
+        return route.queue if route is not None else None
+
+    def route_for(self, task_name: str) -> Route | None:
+        """The first route matching ``task_name``, or None."""
         if not self._routes:
             return None
         try:
@@ -57,7 +65,15 @@ def _pattern(pattern: object) -> str:
     return pattern
 
 
-def _queue(pattern: str, value: object) -> str:
+@dataclass(frozen=True)
+class Route:
+    """Where a route sends a task: a queue, or a routing key (then ``queue`` is None)."""
+
+    queue: str | None = None
+    routing_key: str | None = None
+
+
+def _route(pattern: str, value: object) -> Route:
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - ROUTE_KEYS)
         if unknown:
@@ -65,10 +81,48 @@ def _queue(pattern: str, value: object) -> str:
                 f"route {pattern!r}: unknown key(s) {', '.join(map(str, unknown))} "
                 f"(known: {', '.join(sorted(ROUTE_KEYS))})"
             )
+        if "routing_key" in value and "queue" not in value:
+            return Route(routing_key=check_routing_key(value["routing_key"]))
         value = value.get("queue")
     if not isinstance(value, str) or not value:
         raise ConfigurationError(
-            f"route {pattern!r} must name a queue: 'queue-name' or {{'queue': 'queue-name'}}, "
-            f"not {value!r}"
+            f"route {pattern!r} must name a queue: 'queue-name', {{'queue': 'queue-name'}} or "
+            f"{{'routing_key': 'a.b.c'}}, not {value!r}"
         )
-    return value
+    return Route(queue=value)
+
+
+def check_routing_key(key: object) -> str:
+    """A routing key as given, or a one-line error."""
+    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+        raise ConfigurationError(
+            f"routing_key must be a non-empty string of at most {MAX_KEY_BYTES} bytes, such "
+            f"as 'eu.orders.created', not {key!r}"
+        )
+    return key
+
+
+def check_binding(pattern: object) -> str:
+    """A binding pattern (words separated by dots; ``*`` one word, ``#`` any number)."""
+    if not isinstance(pattern, str) or not pattern or len(pattern.encode()) > MAX_KEY_BYTES:
+        raise ConfigurationError(
+            f"a binding pattern must be a non-empty string of at most {MAX_KEY_BYTES} bytes, "
+            f"such as 'eu.orders.*' or 'eu.#', not {pattern!r}"
+        )
+    return pattern
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """Whether ``key`` matches ``pattern`` under RabbitMQ's topic rules: words separated by
+    dots, ``*`` stands for exactly one word, ``#`` for zero or more."""
+    words, keys = pattern.split("."), key.split(".")
+    # reach[j]: the pattern so far can match the first j words of the key
+    reach = [True] + [False] * len(keys)
+    for word in words:
+        if word == "#":
+            for j in range(1, len(keys) + 1):
+                reach[j] = reach[j] or reach[j - 1]
+        else:
+            reach = [False] + [reach[j - 1] and (word == "*" or word == keys[j - 1])
+                               for j in range(1, len(keys) + 1)]
+    return reach[-1]

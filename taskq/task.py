@@ -227,11 +227,13 @@ class Task(Generic[P, R]):
         soft_time_limit: float | None = None,
         ignore_result: bool | None = None,
         priority: int | None = None,
+        routing_key: str | None = None,
     ) -> AsyncResult[R]:
         """Send the task with options; return once the broker has confirmed the message.
 
         ``countdown`` (seconds) or ``eta`` (an aware datetime) delay it in the broker;
         ``expires`` (seconds or an aware datetime) skips it if no worker got to it in time.
+        ``routing_key`` sends it by topic, to the queues bound to patterns it matches.
         """
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
@@ -239,7 +241,7 @@ class Task(Generic[P, R]):
             self.name,
             args,
             kwargs,
-            queue=queue or self.options.queue,
+            queue=queue or (self.options.queue if routing_key is None else None),
             countdown=countdown,
             eta=eta,
             expires=expires,
@@ -250,6 +252,7 @@ class Task(Generic[P, R]):
             ),
             ignore_result=self.options.ignore_result if ignore_result is None else ignore_result,
             priority=self.options.priority if priority is None else priority,
+            routing_key=routing_key,
         )
 
     def apply(

@@ -370,6 +370,12 @@ class Broker(abc.ABC):
         return []
 
     @abc.abstractmethod
+    def bind(self, queues: Iterable[str], patterns: Iterable[str], timeout: float) -> None:
+        """Bind each of ``queues`` (which exist) to each topic pattern (``eu.orders.*``,
+        ``eu.#``): messages sent with a routing key that matches then reach it. Bindings stay
+        in the broker after the worker that made them stops."""
+
+    @abc.abstractmethod
     def is_recoverable(self, exc: BaseException) -> bool:
         """Whether a new link may succeed after ``exc`` (the broker went away, timed out)."""
 

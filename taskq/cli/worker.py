@@ -25,6 +25,11 @@ BURST_HELP = (
     "Run until the queues have no message ready, then exit 0 (for scripts and tests). "
     "Delayed messages (countdown, eta, retries) stay queued for a later worker."
 )
+BIND_HELP = (
+    "Bind the -Q queues to a topic pattern (repeatable): tasks sent with a routing key it "
+    "matches reach them ('*' is one word, '#' any number: eu.orders.*, eu.#). Bindings stay "
+    "in the broker after the worker stops."
+)
 MAX_TASKS_HELP = "Replace a slot process after it ran this many tasks (between tasks)."
 MAX_MEMORY_HELP = "Replace a slot process, between tasks, once its RSS is over this many MiB."
 
@@ -69,6 +74,7 @@ LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
     show_default=True,
     help=SHUTDOWN_HELP,
 )
+@click.option("--bind", "binds", multiple=True, metavar="PATTERN", help=BIND_HELP)
 @click.option("--burst", is_flag=True, help=BURST_HELP)
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), help=MAX_TASKS_HELP)
 @click.option(
@@ -83,6 +89,7 @@ def worker(
     time_limit: float | None,
     soft_time_limit: float | None,
     shutdown_timeout: float,
+    binds: tuple[str, ...],
     burst: bool,
     max_tasks_per_child: int | None,
     max_memory_per_child: float | None,
@@ -109,6 +116,7 @@ def worker(
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
             shutdown_timeout=shutdown_timeout,
+            binds=list(binds),
             burst=burst,
             max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child,

@@ -28,6 +28,7 @@ from ..app import App
 from ..broker.base import WorkerSupport
 from ..broker.records import RunRecord
 from ..errors import ConfigurationError, DeclarationConflict, TaskqError
+from ..routing import check_binding
 from .heartbeat import Heartbeater
 from .outages import OutageLog
 from .pool import SlotProcesses
@@ -52,6 +53,7 @@ class Worker:
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         shutdown_timeout: float = 60.0,
+        binds: list[str] | None = None,
         burst: bool = False,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
@@ -90,6 +92,8 @@ class Worker:
             max_memory_per_child=max_memory_per_child,
         )
         self.shutdown_timeout = shutdown_timeout
+        #: Topic patterns the queues are bound to at start (``--bind``).
+        self.binds = [check_binding(pattern) for pattern in binds or ()]
         self.outages = OutageLog(self.broker.display_url)
         self._signals = 0
         self._stop_deadline: float | None = None
@@ -99,6 +103,8 @@ class Worker:
     def run(self) -> int:
         """Serve until a signal stops the worker; return the process exit code."""
         self._check_broker()
+        if self.binds:
+            self.broker.bind(self.options.queues, self.binds, self.app.config.connect_timeout)
         self.support = self.broker.worker_support(self.options.hostname, self.concurrency)
         try:
             self.support.recover()
@@ -161,6 +167,8 @@ class Worker:
             limits,
             "\n               ".join(sorted(self.app.tasks)) or "(none registered)",
         )
+        if self.binds:
+            log.info("bound to routing keys matching %s", ", ".join(self.binds))
         if self.options.burst:
             log.info("--burst: the worker exits once its queues have no message ready")
         if self.options.pool == "threads" and self.options.soft_time_limit:

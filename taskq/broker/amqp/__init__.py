@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
 from . import compat, letters, topology
 from .admin import QueueAdmin
 from .client import ClientConnection
-from .connection import Connector, describe, is_recoverable
+from .connection import Connector, bound, close_quietly, describe, is_recoverable
 from .consumer import SlotConnection
 from .journal import Spool, hold_lock
 
@@ -63,6 +64,19 @@ class AmqpBroker(Broker):
                               name="taskq worker startup")
         link.close()
         return link.warnings
+
+    def bind(self, queues: Iterable[str], patterns: Iterable[str], timeout: float) -> None:
+        connection = self.connector.connect_once(timeout=timeout, name="taskq worker bindings")
+        try:
+            with bound(connection).until(time.monotonic() + timeout):
+                channel = connection.channel()
+                topology.declare_topic_exchange(channel)
+                for queue in queues:
+                    for pattern in patterns:
+                        channel.queue_bind(queue=queue, exchange=topology.TOPIC_EXCHANGE,
+                                           routing_key=pattern)
+        finally:
+            close_quietly(connection)
 
     def worker_support(self, name: str, concurrency: int) -> WorkerSupport:
         from .support import AmqpWorkerSupport

@@ -95,10 +95,18 @@ class ClientConnection(ClientLink):
             log.warning("%s; publishing to it as it is", exc)
         self.declared.add(queue)
 
+    def _ensure(self, envelope: Envelope) -> None:
+        """Declare where ``envelope`` goes: its queue, or the topic exchange."""
+        if envelope.routing_key is None:
+            self._ensure_queue(envelope.queue)
+        elif topology.TOPIC_MARKER not in self.declared:
+            topology.declare_topic_exchange(self.channel.channel)
+            self.declared.add(topology.TOPIC_MARKER)
+
     def publish(self, envelope: Envelope, deadline: float) -> None:
         """Send one message and return once the broker confirmed it (raise otherwise)."""
         with self.bound.until(deadline):
-            self._ensure_queue(envelope.queue)
+            self._ensure(envelope)
             seq = self._send(envelope)
             self.channel.wait_until(seq, deadline)
         self._check(seq, envelope)
@@ -119,8 +127,8 @@ class ClientConnection(ClientLink):
         sent: list[tuple[int, Envelope]] = []
         try:
             with self.bound.until(deadline):
-                for queue in {env.queue for env in envelopes}:
-                    self._ensure_queue(queue)
+                for env in {(e.queue, e.routing_key): e for e in envelopes}.values():
+                    self._ensure(env)
                 for i, env in enumerate(envelopes, 1):
                     sent.append((self._send(env), env))
                     if i % CONFIRM_WINDOW == 0:
@@ -156,6 +164,12 @@ class ClientConnection(ClientLink):
             reason = channel.returned.pop(envelope.correlation_id, None)
             if reason is not None:
                 channel.nacked.discard(seq)
+                if envelope.routing_key is not None:
+                    raise Unroutable(
+                        f"task {envelope.task_id} was not queued: no queue is bound to a "
+                        f"pattern that routing key {envelope.routing_key!r} matches (bind one: "
+                        "taskq worker -Q QUEUE --bind PATTERN)"
+                    )
                 self.declared.discard(envelope.queue)
                 raise Unroutable(
                     f"task {envelope.task_id} was not queued: {reason}. Was queue "

@@ -35,6 +35,7 @@ from typing import Any
 from amqp import exceptions as amqp_errors
 
 from ...message import Envelope
+from .topology import TOPIC_EXCHANGE
 
 log = logging.getLogger("taskq.broker")
 
@@ -166,6 +167,8 @@ def route(channel: Any, envelope: Envelope, declared: set[str]) -> tuple[str, st
 
     ``declared`` remembers (per process) that the ladder and the queue's binding exist.
     """
+    if envelope.routing_key is not None:  # (never delayed: the App refuses that)
+        return TOPIC_EXCHANGE, envelope.routing_key
     if envelope.delay <= 0:
         return "", envelope.queue
     if TOPOLOGY_MARKER not in declared:

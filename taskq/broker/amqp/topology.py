@@ -21,6 +21,14 @@ from amqp import exceptions as amqp_errors
 
 from ...errors import DeclarationConflict
 
+#: The topic exchange of ``apply_async(routing_key=...)``; ``--bind`` binds queues to it.
+TOPIC_EXCHANGE = "taskq.topic"
+TOPIC_MARKER = f"{TOPIC_EXCHANGE}:declared"
+
+
+def declare_topic_exchange(channel: Any) -> None:
+    channel.exchange_declare(TOPIC_EXCHANGE, "topic", durable=True, auto_delete=False)
+
 
 def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dlq"

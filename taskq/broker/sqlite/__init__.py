@@ -22,6 +22,7 @@ from typing import Any
 
 from ...config import Config
 from ...errors import DeclarationConflict
+from ...routing import topic_matches
 from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
 from . import liveness
 from .store import Store, parse_url
@@ -125,6 +126,18 @@ class SqliteBroker(Broker):
                     "max_priority for it, or use another queue name"
                 )
         self._registered_queues.update(new)
+
+    def bind(self, queues: Iterable[str], patterns: Iterable[str], timeout: float) -> None:
+        queues, patterns = list(queues), list(patterns)
+        self.register_queues(queues)
+        with self.store.write() as conn:
+            conn.executemany("INSERT OR IGNORE INTO bindings (queue, pattern) VALUES (?, ?)",
+                             [(q, p) for q in queues for p in patterns])
+
+    def bound_queues(self, routing_key: str) -> list[str]:
+        """The queues bound to a pattern that ``routing_key`` matches (RabbitMQ's rules)."""
+        rows = self.store.read("SELECT queue, pattern FROM bindings ORDER BY queue")
+        return sorted({queue for queue, pattern in rows if topic_matches(pattern, routing_key)})
 
     # -- the links ---------------------------------------------------------------------------
 

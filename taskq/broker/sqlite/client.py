@@ -8,12 +8,14 @@ the reply queue's socket is woken, or every :data:`~.wake.FALLBACK` seconds rega
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ...errors import Unroutable
 from ...message import Delivery, Envelope
 from ..base import ClientLink
 from .store import decode_props, encode_props
@@ -95,7 +97,25 @@ class SqliteClient(ClientLink):
 
     # -- publishing --------------------------------------------------------------------------
 
+    def _by_topic(self, envelope: Envelope) -> list[Envelope]:
+        """A message sent by routing key: one copy per queue bound to a matching pattern."""
+        queues = self.broker.bound_queues(envelope.routing_key or "")
+        if not queues:
+            raise Unroutable(
+                f"task {envelope.task_id} was not queued: no queue is bound to a pattern that "
+                f"routing key {envelope.routing_key!r} matches (bind one: taskq worker -Q "
+                "QUEUE --bind PATTERN)"
+            )
+        return [dataclasses.replace(envelope, queue=q, routing_key=None) for q in queues]
+
     def publish(self, envelope: Envelope, deadline: float) -> None:
+        if envelope.routing_key is not None:
+            copies = self._by_topic(envelope)
+            with self.store.write(deadline) as conn:
+                for copy in copies:
+                    conn.execute(*insert_message(copy, time.time()))
+            self.broker.waker.wake({copy.queue for copy in copies})
+            return
         self.broker.register_queues((envelope.queue,))
         statement, row = insert_message(envelope, time.time())
         message_id = self.store.write_one(statement, row, deadline)
@@ -105,6 +125,16 @@ class SqliteClient(ClientLink):
     def publish_many(
         self, envelopes: Sequence[Envelope], deadline: float, confirmed: set[str]
     ) -> dict[str, str]:
+        refused: dict[str, str] = {}
+        if any(e.routing_key is not None for e in envelopes):
+            direct: list[Envelope] = []
+            for envelope in envelopes:
+                try:
+                    direct += [envelope] if envelope.routing_key is None else \
+                        self._by_topic(envelope)
+                except Unroutable as exc:
+                    refused[envelope.task_id] = str(exc)
+            envelopes = direct
         self.broker.register_queues({e.queue for e in envelopes})
         now = time.time()
         with self.store.write(deadline) as conn:
@@ -115,7 +145,7 @@ class SqliteClient(ClientLink):
                 conn.executemany(INSERT_MESSAGE, [message_row(e, now) for e in envelopes])
         confirmed.update(e.task_id for e in envelopes)
         self.broker.waker.wake({e.queue for e in envelopes})
-        return {}
+        return refused
 
     # -- the reply queue ---------------------------------------------------------------------
 

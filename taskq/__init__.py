@@ -47,7 +47,7 @@ from .errors import (
     WorkerLostError,
 )
 from .hooks import TaskRun
-from .result import AsyncResult, EagerResult
+from .result import AsyncResult, BroadcastResult, EagerResult
 from .task import Request, Task
 
 __version__ = "0.1.0"
@@ -60,6 +60,7 @@ __all__ = [
     "AppLoadError",
     "AsyncResult",
     "BatchPublishError",
+    "BroadcastResult",
     "BrokerError",
     "BrokerUnavailable",
     "Config",

@@ -19,7 +19,7 @@ from .hooks import Hooks
 from .message import Envelope, task_envelope
 from .producer import Producer
 from .replies import ReplyConsumer
-from .result import AsyncResult
+from .result import AsyncResult, BroadcastResult
 from .routing import Router, check_routing_key
 from .task import P, R, Task, TaskOptions, main_module_name, new_task_id, resolve_schedule
 
@@ -94,6 +94,7 @@ class App:
         priority: int | None = ...,
         rate_limit: str | float | None = ...,
         rate_limit_scope: Literal["worker", "global"] = ...,
+        broadcast: bool = ...,
         base: type[Task[Any, Any]] = ...,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
@@ -116,6 +117,7 @@ class App:
         priority: int | None = ...,
         rate_limit: str | float | None = ...,
         rate_limit_scope: Literal["worker", "global"] = ...,
+        broadcast: bool = ...,
         base: type[Task[Any, Any]] = ...,
     ) -> Callable[[Callable[Concatenate[Any, P], R]], Task[P, R]]: ...
 
@@ -250,12 +252,15 @@ class App:
         ignore_result: bool = False,
         priority: int | None = None,
         routing_key: str | None = None,
-    ) -> AsyncResult[Any]:
-        """Send a task by name (it need not be defined in this process).
+        broadcast: bool = False,
+    ) -> Any:
+        """Send a task by name (it need not be defined in this process); its AsyncResult.
 
         ``routing_key`` sends it by topic instead of to a queue: to every queue bound to a
         pattern the key matches (``taskq worker -Q orders --bind 'eu.orders.*'``); an error
-        if none is.
+        if none is. ``broadcast=True`` sends it to every worker of its queue that is up now,
+        each of which runs it once: then a :class:`taskq.BroadcastResult` collects their
+        results by worker.
         """
         priority = check_priority(priority)
         if countdown is None and eta is None and expires is None:
@@ -264,32 +269,22 @@ class App:
             eta, delay, expires_at = resolve_schedule(countdown, eta, expires)
         task_id = task_id or new_task_id()
         config = self.config
-        if routing_key is not None:
-            routing_key = check_routing_key(routing_key)
-            if queue is not None:
-                raise ConfigurationError("pass queue= or routing_key=, not both")
-        elif queue is None and (route := self.router.route_for(name)) is not None:
-            queue, routing_key = route.queue, route.routing_key
-        if routing_key is not None and delay > 0:
-            raise ConfigurationError(
-                "a task sent by routing_key can't be delayed (countdown/eta): send it to its "
-                "queue (queue=...) to delay it"
-            )
-        queue = queue or config.default_queue
+        queue, routing_key = self._destination(name, queue, routing_key, broadcast, delay)
         if config.eager:
             from .eager import run_eagerly  # the worker's own code path: loaded only if used
 
-            return run_eagerly(self, name, args, kwargs or {}, queue, task_id, ignore_result,
-                               time_limit=time_limit, soft_time_limit=soft_time_limit)
+            eager = run_eagerly(self, name, args, kwargs or {}, queue, task_id, ignore_result,
+                                time_limit=time_limit, soft_time_limit=soft_time_limit)
+            return eager.as_broadcast() if broadcast else eager
         extra_headers: dict[str, Any] | None = None
         if self.hooks.send:  # each adds to the headers it is given
             extra_headers = {}
             self.hooks.call("on_send", self.hooks.send, extra_headers)
-        pending = None
+        pending: Any = None
         reply_to = None
         if not ignore_result:
             replies = self.replies
-            pending = replies.expect(task_id)
+            pending = replies.gather(task_id) if broadcast else replies.expect(task_id)
             reply_to = replies.queue
         envelope = task_envelope(
             task_id=task_id,
@@ -308,8 +303,9 @@ class App:
             priority=priority,
             extra_headers=extra_headers,
             routing_key=routing_key,
+            broadcast=broadcast,
         )
-        result: AsyncResult[Any] = AsyncResult(
+        result: Any = (BroadcastResult if broadcast else AsyncResult)(
             task_id, name, pending, self._replies, self.exceptions
         )
         batch: Batch | None = getattr(self._local, "batch", None)
@@ -324,6 +320,27 @@ class App:
                 self.replies.forget(task_id)
             raise
         return result
+
+    def _destination(
+        self, name: str, queue: str | None, routing_key: str | None, broadcast: bool,
+        delay: float,
+    ) -> tuple[str, str | None]:
+        """(queue, routing key) of a task: the call's, else its route's, else the default."""
+        if routing_key is not None:
+            routing_key = check_routing_key(routing_key)
+            if queue is not None:
+                raise ConfigurationError("pass queue= or routing_key=, not both")
+        elif queue is None and (route := self.router.route_for(name)) is not None:
+            queue, routing_key = route.queue, route.routing_key
+        if routing_key is not None and broadcast:
+            raise ConfigurationError(
+                "a broadcast goes to the workers of a queue: pass queue=, not routing_key=")
+        if (routing_key is not None or broadcast) and delay > 0:
+            raise ConfigurationError(
+                f"a task sent {'as a broadcast' if broadcast else 'by routing_key'} can't be "
+                "delayed (countdown/eta): send it to its queue (queue=...) to delay it"
+            )
+        return queue or self.config.default_queue, routing_key
 
     @contextmanager
     def batch(self) -> Iterator[Batch]:

@@ -25,6 +25,8 @@ from .serialization import CONTENT_TYPES
 
 #: Header keys taskq itself adds (never part of Celery's protocol, ignored by Celery).
 DELIVERY_COUNT_HEADER = "x-taskq-delivery-count"
+#: On a broadcast: the queue whose workers it was sent to (Celery ignores it).
+BROADCAST_HEADER = "broadcast"
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 200
@@ -49,17 +51,14 @@ class Envelope:
     priority: int | None = None
     #: Sent by topic: to every queue bound to a pattern this key matches (``queue`` unused).
     routing_key: str | None = None
+    #: Sent to every worker of ``queue`` that is up (each has a queue of its own for these).
+    broadcast: bool = False
 
     @property
     def task_id(self) -> str:
         return str(self.headers.get("id") or self.correlation_id or "?")
 
-    @property
-    def destination(self) -> str:
-        """Where it goes, for messages: a queue, or a routing key."""
-        if self.routing_key is not None:
-            return f"routing key {self.routing_key!r}"
-        return f"queue {self.queue!r}"
+
 
 
 @dataclass(slots=True)
@@ -115,6 +114,7 @@ def task_envelope(
     extra_headers: Mapping[str, Any] | None = None,
     priority: int | None = None,
     routing_key: str | None = None,
+    broadcast: bool = False,
 ) -> Envelope:
     """Build a protocol-v2 task message (raises EncodeError naming the task if args won't go)."""
     body = serialization.task_body(serializer, args, kwargs, f"arguments of task {name}")
@@ -141,6 +141,8 @@ def task_envelope(
         headers["ignore_result"] = True
     if extra_headers:
         headers.update(extra_headers)
+    if broadcast:  # the workers' result says who answered; a dead letter goes to this queue's
+        headers[BROADCAST_HEADER] = queue
     return Envelope(
         queue=queue,
         body=body,
@@ -151,6 +153,7 @@ def task_envelope(
         delay=delay,
         priority=priority,
         routing_key=routing_key,
+        broadcast=broadcast,
     )
 
 
@@ -186,19 +189,21 @@ def result_body(
     status: str,
     result: Any,
     traceback: str | None = None,
+    worker: str | None = None,
 ) -> bytes:
-    """Encode a result message as Celery's rpc backend writes it."""
-    return serialization.encode(
-        serializer,
-        {
-            "task_id": task_id,
-            "status": status,
-            "result": result,
-            "traceback": traceback,
-            "children": [],
-            "date_done": datetime.now(timezone.utc).isoformat(),
-        },
-    )
+    """Encode a result message as Celery's rpc backend writes it (plus, for a broadcast,
+    the ``worker`` that answered: Celery ignores it)."""
+    meta = {
+        "task_id": task_id,
+        "status": status,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": datetime.now(timezone.utc).isoformat(),
+    }
+    if worker is not None:
+        meta["worker"] = worker
+    return serialization.encode(serializer, meta)
 
 
 def exception_to_wire(exc: BaseException) -> dict[str, Any]:

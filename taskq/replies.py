@@ -89,6 +89,8 @@ class Pending:
     """The slot a result lands in; shared by the reading thread and any waiting threads."""
 
     __slots__ = ("__weakref__", "done", "meta", "pid", "state", "task_id", "wakers")
+    #: Whether more than one result is filed here (a broadcast's).
+    gathers = False
 
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
@@ -103,6 +105,28 @@ class Pending:
         self.meta = meta
         self.state = str(meta.get("status"))
         self.done = True
+        for waker in tuple(self.wakers):
+            waker.wake()
+
+
+class Gathering(Pending):
+    """The results of a broadcast: one per worker (``meta["worker"]``), for as long as the
+    caller keeps the handle. Done once ``expected`` workers answered (None: never)."""
+
+    __slots__ = ("by_worker", "expected")
+    gathers = True
+
+    def __init__(self, task_id: str, expected: int | None = None) -> None:
+        super().__init__(task_id)
+        self.by_worker: dict[str, dict[str, Any]] = {}
+        self.expected = expected
+
+    def resolve(self, meta: dict[str, Any]) -> None:
+        worker = str(meta.get("worker") or f"worker-{len(self.by_worker) + 1}")
+        self.by_worker.setdefault(worker, meta)  # the first result of each: at-least-once
+        self.meta = meta
+        if self.expected is not None and len(self.by_worker) >= self.expected:
+            self.done = True
         for waker in tuple(self.wakers):
             waker.wake()
 
@@ -153,6 +177,17 @@ class ReplyConsumer:
         with self._registry:
             self._pending[task_id] = pending
         return pending
+
+    def gather(self, task_id: str) -> Gathering:
+        """Register interest in every result of broadcast ``task_id`` (before sending it)."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        if not self._started:
+            self._start()
+        gathering = Gathering(task_id)
+        with self._registry:
+            self._pending[task_id] = gathering
+        return gathering
 
     def forget(self, task_id: str) -> None:
         with self._registry:
@@ -361,7 +396,9 @@ class ReplyConsumer:
             if not task_id:
                 pending = None
             elif final:
-                pending = self._pending.pop(task_id, None)
+                pending = self._pending.get(task_id)
+                if pending is not None and not pending.gathers:
+                    del self._pending[task_id]
             else:
                 pending = self._pending.get(task_id)
         if pending is None:

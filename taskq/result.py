@@ -11,7 +11,7 @@ from .errors import ResultUnavailable, TimeoutError
 from .message import Registered, exception_from_wire
 
 if TYPE_CHECKING:
-    from .replies import Pending, ReplyConsumer
+    from .replies import Gathering, Pending, ReplyConsumer
 
 _NONE_REGISTERED: Registered = {}
 
@@ -130,6 +130,71 @@ class AsyncResult(Generic[R]):
             )
 
 
+def _gathered(task_id: str, meta: Mapping[str, Any] | None) -> Gathering | None:
+    from .replies import Gathering
+
+    if meta is None:
+        return None
+    gathering = Gathering(task_id)
+    gathering.resolve({**meta, "worker": "eager"})
+    return gathering
+
+
+class BroadcastResult(Generic[R]):
+    """The results of a broadcast task, one per worker that ran it, keyed by worker name.
+
+    How many workers will answer is not known up front (those up when it was sent): ``get``
+    collects for ``timeout`` seconds, or until ``workers`` have answered.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        task_name: str,
+        gathering: Gathering | None,
+        consumer: ReplyConsumer | None,
+        exceptions: Registered = _NONE_REGISTERED,
+    ) -> None:
+        self.id = task_id
+        self.task_name = task_name
+        self._gathering = gathering
+        self._consumer = consumer
+        self._exceptions = exceptions
+
+    def __repr__(self) -> str:
+        answered = len(self._gathering.by_worker) if self._gathering is not None else 0
+        return f"<BroadcastResult {self.task_name}[{self.id}] {answered} answered>"
+
+    def get(
+        self, timeout: float = 5.0, *, workers: int | None = None, propagate: bool = True
+    ) -> dict[str, R]:
+        """Wait ``timeout`` seconds (less if ``workers`` answered), then return each
+        answering worker's value by worker name. A failure is raised (the first, by worker
+        name) unless ``propagate=False``, which puts the exception in its place."""
+        gathering = self._gathering
+        if gathering is None:
+            raise ResultUnavailable(
+                f"broadcast {self.task_name}[{self.id}] was sent with ignore_result: no result "
+                "will come back"
+            )
+        gathering.expected = workers
+        if workers is not None and len(gathering.by_worker) >= workers:
+            gathering.done = True
+        if self._consumer is not None and not gathering.done:
+            self._consumer.wait(gathering, time.monotonic() + timeout)
+        values: dict[str, Any] = {}
+        for worker, meta in sorted(gathering.by_worker.items()):
+            if meta.get("status") == states.FAILURE:
+                exc = exception_from_wire(meta.get("result"), meta.get("traceback"),
+                                          self._exceptions)
+                if propagate:
+                    raise exc
+                values[worker] = exc
+            else:
+                values[worker] = meta.get("result")
+        return values
+
+
 class EagerResult(AsyncResult[R]):
     """The outcome of a task run in the calling process (``App(eager=True)``, ``task.apply()``):
     the same API as :class:`AsyncResult`, ready at once. The value and any failure went
@@ -153,3 +218,9 @@ class EagerResult(AsyncResult[R]):
 
     def __repr__(self) -> str:
         return f"<EagerResult {self.task_name}[{self.id}] {self.state}>"
+
+    def as_broadcast(self) -> BroadcastResult[R]:
+        """The same outcome as a broadcast's, run by one worker here (named "eager")."""
+        meta = self._pending.meta if self._pending is not None else None
+        return BroadcastResult(self.id, self.task_name, _gathered(self.id, meta), None,
+                               self._exceptions)

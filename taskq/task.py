@@ -46,6 +46,8 @@ class TaskOptions:
     #: At most one start per interval, e.g. "100/m" (see :mod:`taskq.rates`).
     rate_limit: str | float | None = None
     rate_limit_scope: str = "worker"
+    #: Sent to every worker of its queue that is up, each runs it once.
+    broadcast: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,16 +230,19 @@ class Task(Generic[P, R]):
         ignore_result: bool | None = None,
         priority: int | None = None,
         routing_key: str | None = None,
+        broadcast: bool | None = None,
     ) -> AsyncResult[R]:
         """Send the task with options; return once the broker has confirmed the message.
 
         ``countdown`` (seconds) or ``eta`` (an aware datetime) delay it in the broker;
         ``expires`` (seconds or an aware datetime) skips it if no worker got to it in time.
         ``routing_key`` sends it by topic, to the queues bound to patterns it matches.
+        ``broadcast=True`` (or the task's own): every worker of its queue that is up runs
+        it once; the result is then a :class:`taskq.BroadcastResult`, by worker.
         """
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
-        return self.app.send_task(
+        result: AsyncResult[R] = self.app.send_task(
             self.name,
             args,
             kwargs,
@@ -253,7 +258,9 @@ class Task(Generic[P, R]):
             ignore_result=self.options.ignore_result if ignore_result is None else ignore_result,
             priority=self.options.priority if priority is None else priority,
             routing_key=routing_key,
+            broadcast=self.options.broadcast if broadcast is None else broadcast,
         )
+        return result
 
     def apply(
         self,

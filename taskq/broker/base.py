@@ -376,6 +376,19 @@ class Broker(abc.ABC):
         in the broker after the worker that made them stops."""
 
     @abc.abstractmethod
+    def broadcast_queue(self, hostname: str) -> str:
+        """The name of worker ``hostname``'s own queue for broadcasts (its slots consume it)."""
+
+    @abc.abstractmethod
+    def join_broadcasts(self, hostname: str, queues: Iterable[str], timeout: float) -> None:
+        """Make the worker's broadcast queue receive what is broadcast to ``queues``, for as
+        long as the worker lives."""
+
+    @abc.abstractmethod
+    def leave_broadcasts(self, hostname: str, timeout: float) -> None:
+        """The worker stops: its broadcast queue goes (with what it had not run)."""
+
+    @abc.abstractmethod
     def is_recoverable(self, exc: BaseException) -> bool:
         """Whether a new link may succeed after ``exc`` (the broker went away, timed out)."""
 

@@ -27,7 +27,14 @@ from ..errors import (
     SoftTimeLimitExceeded,
 )
 from ..hooks import FAILED, RETRIED, SUCCEEDED, TaskRun
-from ..message import Delivery, exception_to_wire, parse_body, parse_time, result_body
+from ..message import (
+    BROADCAST_HEADER,
+    Delivery,
+    exception_to_wire,
+    parse_body,
+    parse_time,
+    result_body,
+)
 from ..serialization import CONTENT_TYPES, SERIALIZER_FOR
 from ..task import Request, Task, current_request
 
@@ -76,14 +83,25 @@ def _serializer(content_type: str | None) -> tuple[str, str]:
     return name, CONTENT_TYPES[name]
 
 
-def failure_outcome(task_id: str, exc: BaseException, *, kind: str) -> Outcome:
+def answerer(headers: dict[str, Any], hostname: str | None) -> str | None:
+    """Who answers, in the result of a broadcast (None for any other message)."""
+    return hostname if BROADCAST_HEADER in headers else None
+
+
+def failure_outcome(
+    task_id: str, exc: BaseException, *, kind: str, worker: str | None = None
+) -> Outcome:
     """A FAILURE decided outside the task (rejection, time limit): no traceback to send."""
-    body = result_body("json", task_id, states.FAILURE, exception_to_wire(exc))
+    body = result_body("json", task_id, states.FAILURE, exception_to_wire(exc), worker=worker)
     return Outcome(kind, body, "application/json", type(exc).__name__, str(exc))
 
 
 def reject(job: Job, exc: BaseException) -> Outcome:
-    return failure_outcome(job.task_id, exc, kind="reject")
+    return failure_outcome(job.task_id, exc, kind="reject", worker=_worker(job))
+
+
+def _worker(job: Job) -> str | None:
+    return answerer(job.headers, job.delivery_info.get("hostname"))
 
 
 def _on_soft_limit(signum: int, frame: Any) -> None:
@@ -248,7 +266,7 @@ def _success(job: Job, value: Any, runtime: float) -> Outcome:
     if not job.reply_to:
         return Outcome("done", None, content_type)
     try:
-        body = result_body(serializer, job.task_id, states.SUCCESS, value)
+        body = result_body(serializer, job.task_id, states.SUCCESS, value, worker=_worker(job))
     except EncodeError as exc:
         raise EncodeError(f"return value of {job.task} can't be sent: {exc}") from None
     return Outcome("done", body, content_type)
@@ -277,7 +295,8 @@ def _failure(job: Job, exc: BaseException, runtime: float, trace: str) -> Outcom
     )
     if not job.reply_to:
         return Outcome("done", None, "application/json")
-    body = result_body("json", job.task_id, states.FAILURE, exception_to_wire(exc), trace)
+    body = result_body("json", job.task_id, states.FAILURE, exception_to_wire(exc), trace,
+                       worker=_worker(job))
     return Outcome("done", body, "application/json")
 
 

@@ -33,7 +33,7 @@ from ..copies import delayed, retry
 from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
 from ..message import Delivery
 from ..rates import Pacer
-from .execute import Job, Outcome, execute, failure_outcome
+from .execute import Job, Outcome, answerer, execute, failure_outcome
 from .executor import ProcessExecutor, forkserver_context
 from .triage import Later, Refuse, SlotOptions, reply_to, triage
 
@@ -170,7 +170,7 @@ class Slot:
         while self.link is None and not (self.stopping and self.current is None):
             try:
                 self.link = self.broker.slot_link(
-                    list(self.options.queues),
+                    self.options.consumed,
                     self.inbox.append,
                     timeout=self.config.connect_timeout,
                     name=f"taskq worker {self.name}",
@@ -502,7 +502,8 @@ class Slot:
             del self.stashed[0]
 
     def _reject(self, delivery: Delivery, exc: BaseException) -> None:
-        outcome = failure_outcome(delivery.task_id or "", exc, kind="reject")
+        outcome = failure_outcome(delivery.task_id or "", exc, kind="reject",
+                                  worker=answerer(delivery.headers, self.options.hostname))
         self._dead_letter(delivery, type(exc).__name__, str(exc), outcome)
 
     def _dead_letter(
@@ -577,7 +578,8 @@ class Slot:
             f"task {delivery.task_name}[{delivery.task_id}] ran past time_limit={limit:g}s "
             "and was stopped"
         )
-        self._finish(failure_outcome(delivery.task_id or "", exc, kind="done"))
+        self._finish(failure_outcome(delivery.task_id or "", exc, kind="done",
+                                     worker=answerer(delivery.headers, self.options.hostname)))
 
     def _replace_executor(self) -> None:
         """Close the executor; a new one starts when a time-limited task next needs it."""

@@ -72,6 +72,7 @@ class Worker:
         names = list(dict.fromkeys(queues or [app.config.default_queue]))
         if not all(names):
             raise ConfigurationError("queue names must not be empty (check -Q)")
+        hostname = f"{os.getpid()}@{socket.gethostname()}"
         self.concurrency = concurrency or os.cpu_count() or 1
         if self.concurrency < 1:
             raise ConfigurationError("concurrency (-c) must be at least 1")
@@ -86,7 +87,8 @@ class Worker:
             soft_time_limit=(
                 soft_time_limit if soft_time_limit is not None else app.config.soft_time_limit
             ),
-            hostname=f"{os.getpid()}@{socket.gethostname()}",
+            hostname=hostname,
+            broadcast_queue=app.broker.broadcast_queue(hostname),
             burst=burst,
             max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child,
@@ -103,8 +105,10 @@ class Worker:
     def run(self) -> int:
         """Serve until a signal stops the worker; return the process exit code."""
         self._check_broker()
+        timeout = self.app.config.connect_timeout
         if self.binds:
-            self.broker.bind(self.options.queues, self.binds, self.app.config.connect_timeout)
+            self.broker.bind(self.options.queues, self.binds, timeout)
+        self.broker.join_broadcasts(self.options.hostname, self.options.queues, timeout)
         self.support = self.broker.worker_support(self.options.hostname, self.concurrency)
         try:
             self.support.recover()
@@ -115,6 +119,13 @@ class Worker:
             return self._run_processes()
         finally:
             self.support.close()
+            self._leave_broadcasts()
+
+    def _leave_broadcasts(self) -> None:
+        try:
+            self.broker.leave_broadcasts(self.options.hostname, self.app.config.connect_timeout)
+        except Exception as exc:  # it expires (RabbitMQ) or is swept (embedded) anyway
+            log.debug("could not remove this worker's broadcast queue: %s", exc)
 
     def _check_broker(self) -> None:
         """Check the queues once up front: a conflict is an error now, not a crash loop."""

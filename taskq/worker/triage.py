@@ -37,11 +37,19 @@ class SlotOptions:
     time_limit: float | None
     soft_time_limit: float | None
     hostname: str
+    #: This worker's own queue for broadcasts (its slots consume it with ``queues``).
+    broadcast_queue: str | None = None
     #: Stop once the queues have nothing ready (``--burst``).
     burst: bool = False
     #: Replace the slot process after this many tasks / once its RSS is over this (MiB).
     max_tasks_per_child: int | None = None
     max_memory_per_child: float | None = None
+
+    @property
+    def consumed(self) -> list[str]:
+        """Every queue a slot consumes: the worker's, and its broadcast queue."""
+        extra = [self.broadcast_queue] if self.broadcast_queue else []
+        return [*self.queues, *extra]
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ def triage(
                 "queue": delivery.queue,
                 "redelivered": delivery.redelivered,
                 "slot": slot,
+                "hostname": options.hostname,
             },
             time_limit=hard,
             soft_time_limit=soft,

@@ -78,6 +78,31 @@ class AmqpBroker(Broker):
         finally:
             close_quietly(connection)
 
+    def broadcast_queue(self, hostname: str) -> str:
+        return topology.broadcast_queue_name(hostname)
+
+    def join_broadcasts(self, hostname: str, queues: Iterable[str], timeout: float) -> None:
+        member = topology.broadcast_queue_name(hostname)
+        connection = self.connector.connect_once(timeout=timeout, name="taskq worker broadcasts")
+        try:
+            with bound(connection).until(time.monotonic() + timeout):
+                topology.declare_work_queue(connection, member)
+                channel = connection.channel()
+                for queue in queues:
+                    exchange = topology.broadcast_exchange(queue)
+                    channel.exchange_declare(exchange, "fanout", durable=True, auto_delete=False)
+                    channel.queue_bind(queue=member, exchange=exchange)
+        finally:
+            close_quietly(connection)
+
+    def leave_broadcasts(self, hostname: str, timeout: float) -> None:
+        connection = self.connector.connect_once(timeout=timeout, name="taskq worker broadcasts")
+        try:
+            with bound(connection).until(time.monotonic() + timeout):
+                connection.channel().queue_delete(topology.broadcast_queue_name(hostname))
+        finally:
+            close_quietly(connection)
+
     def worker_support(self, name: str, concurrency: int) -> WorkerSupport:
         from .support import AmqpWorkerSupport
 

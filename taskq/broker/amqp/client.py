@@ -97,7 +97,13 @@ class ClientConnection(ClientLink):
 
     def _ensure(self, envelope: Envelope) -> None:
         """Declare where ``envelope`` goes: its queue, or the topic exchange."""
-        if envelope.routing_key is None:
+        if envelope.broadcast:
+            exchange = topology.broadcast_exchange(envelope.queue)
+            if exchange not in self.declared:
+                self.channel.channel.exchange_declare(exchange, "fanout", durable=True,
+                                                      auto_delete=False)
+                self.declared.add(exchange)
+        elif envelope.routing_key is None:
             self._ensure_queue(envelope.queue)
         elif topology.TOPIC_MARKER not in self.declared:
             topology.declare_topic_exchange(self.channel.channel)
@@ -127,7 +133,8 @@ class ClientConnection(ClientLink):
         sent: list[tuple[int, Envelope]] = []
         try:
             with self.bound.until(deadline):
-                for env in {(e.queue, e.routing_key): e for e in envelopes}.values():
+                for env in {(e.queue, e.routing_key, e.broadcast): e
+                            for e in envelopes}.values():
                     self._ensure(env)
                 for i, env in enumerate(envelopes, 1):
                     sent.append((self._send(env), env))
@@ -164,6 +171,11 @@ class ClientConnection(ClientLink):
             reason = channel.returned.pop(envelope.correlation_id, None)
             if reason is not None:
                 channel.nacked.discard(seq)
+                if envelope.broadcast:
+                    raise Unroutable(
+                        f"broadcast {envelope.task_id} was not sent: no worker of queue "
+                        f"{envelope.queue!r} is up to receive it"
+                    )
                 if envelope.routing_key is not None:
                     raise Unroutable(
                         f"task {envelope.task_id} was not queued: no queue is bound to a "

@@ -66,9 +66,18 @@ class SlotConnection(SlotLink):
                         self.connection, queue, self.config.max_priority_for(queue))
                     if warning:
                         self.warnings.append(warning)
-                    topology.declare_dead_letter_queue(self.channel, queue)
+                    if not topology.is_broadcast_queue(queue):
+                        topology.declare_dead_letter_queue(self.channel, queue)
                     delays.bind_consumed(self.channel, queue, declared)
                 self.channel.basic_qos(0, 1, False)
+                #: The worker's queue for broadcasts: consumed on a channel of its own, so
+                #: that the work queues keep their one consumer each (see _on_broadcast).
+                self.broadcast_queue = next(
+                    (q for q in self.queues if topology.is_broadcast_queue(q)), None)
+                self.queues = [q for q in self.queues if not topology.is_broadcast_queue(q)]
+                if self.broadcast_queue is not None:
+                    self.bchannel = plain_channel(self.connection)
+                    self.bchannel.basic_qos(0, 1, False)
             self.publisher = SlotPublisher(
                 connector,
                 deadline=deadline,
@@ -96,6 +105,10 @@ class SlotConnection(SlotLink):
         self._turn = 0
         #: Lost-run counts found for messages held now: delivery tag -> count's queue name.
         self._counted: dict[Any, str] = {}
+        #: The broadcast consumer's tag while it consumes, and a broadcast that came while a
+        #: task ran (it runs next; its queue is this worker's alone, so it waits for no one).
+        self._btag: str | None = None
+        self._bwaiting: Delivery | None = None
         # RabbitMQ cancels a consumer whose queue is deleted; treat it like a lost connection.
         self.cancelled_by_broker: list[str] = []
 
@@ -105,9 +118,20 @@ class SlotConnection(SlotLink):
         self._paused = False
         if self._holding is None and not self._queue_of:
             self._consume_all()
+        if self.broadcast_queue is not None and self._btag is None:
+            with bound(self.connection).until(time.monotonic() + self.config.connect_timeout):
+                self._btag = self.bchannel.basic_consume(
+                    self.broadcast_queue, no_ack=False, callback=self._on_broadcast)
 
     def pause(self) -> None:
         self._paused = True
+        if self._btag is not None:
+            with bound(self.connection).until(time.monotonic() + self.config.connect_timeout):
+                self.bchannel.basic_cancel(self._btag)
+            self._btag = None
+            if self._bwaiting is not None:  # not started: back to the worker's queue
+                self.bchannel.basic_reject(self._bwaiting.tag[1], requeue=True)
+                self._bwaiting = None
         if self._queue_of:
             deadline = time.monotonic() + self.config.connect_timeout
             with bound(self.connection).until(deadline):
@@ -167,6 +191,22 @@ class SlotConnection(SlotLink):
             return
         self._take(delivery(message, queue))
 
+    def _on_broadcast(self, message: Any) -> None:
+        """A broadcast runs when the slot is free: at once if idle (the work queues' consumers
+        are cancelled first, so no task message waits behind it), else after the running
+        task, whose ack then cancels them (see _ack)."""
+        received = delivery(message, self.broadcast_queue or "")
+        received.tag = ("broadcast", received.tag)  # tags are per channel
+        if self._paused:
+            self.bchannel.basic_reject(received.tag[1], requeue=True)
+        elif self._holding is None:
+            if self._queue_of:
+                self._cancel_others_nowait()
+            self._holding = received.tag
+            self._on_delivery(received)
+        else:
+            self._bwaiting = received
+
     def _take(self, received: Delivery) -> None:
         self._holding = received.tag
         if len(self.queues) > 1:
@@ -175,7 +215,17 @@ class SlotConnection(SlotLink):
 
     def _released(self) -> None:
         """The held message was settled: take the next one."""
+        was_broadcast = isinstance(self._holding, tuple)
         self._holding = None
+        if self._bwaiting is not None and not self._paused:
+            waiting, self._bwaiting = self._bwaiting, None
+            self._holding = waiting.tag  # (the work queues' consumers went with the ack)
+            self._on_delivery(waiting)
+            return
+        if was_broadcast:
+            if not self._paused:
+                self._consume_all()  # the work queues again
+            return
         if len(self.queues) == 1 or self._paused:
             return  # one queue: its consumer stays, and the broker sends the next
         deadline = time.monotonic() + self.config.connect_timeout
@@ -213,8 +263,9 @@ class SlotConnection(SlotLink):
         """Asks for each queue's count of ready messages (a passive declare). Deliveries that
         arrive meanwhile are taken as usual, so a look also finds what was on its way."""
         deadline = time.monotonic() + self.config.connect_timeout
+        extra = [self.broadcast_queue] if self.broadcast_queue is not None else []
         with bound(self.connection).until(deadline):
-            for queue in self.queues:
+            for queue in [*self.queues, *extra]:
                 _, ready, _ = self.channel.queue_declare(queue=queue, passive=True)
                 if ready:
                     return True
@@ -301,12 +352,24 @@ class SlotConnection(SlotLink):
         assert self.publisher is not None
         if name is not None:  # (no task id: not a task message, dead-lettered anyway)
             self.publisher.record_lost(name)
-        self.channel.basic_reject(delivery.tag, requeue=True)
+        if isinstance(delivery.tag, tuple):
+            self.bchannel.basic_reject(delivery.tag[1], requeue=True)
+        else:
+            if self._bwaiting is not None and self._queue_of:
+                self._cancel_others_nowait()
+            self.channel.basic_reject(delivery.tag, requeue=True)
         self._counted.pop(delivery.tag, None)
         self._released()
 
     def _ack(self, delivery: Delivery) -> None:
-        self._write(ack_frame(self.channel.channel_id, delivery.tag))
+        if isinstance(delivery.tag, tuple):  # a broadcast, on its own channel
+            self._write(ack_frame(self.bchannel.channel_id, delivery.tag[1]))
+        else:
+            if self._bwaiting is not None and self._queue_of:
+                # A broadcast waits: stop the work queues before the ack, or the broker
+                # sends the next task message, which would wait behind it.
+                self._cancel_others_nowait()
+            self._write(ack_frame(self.channel.channel_id, delivery.tag))
         name = self._counted.pop(delivery.tag, None)
         if name is not None:
             self.counts.forget(name)

@@ -35,7 +35,7 @@ from typing import Any
 from amqp import exceptions as amqp_errors
 
 from ...message import Envelope
-from .topology import TOPIC_EXCHANGE
+from .topology import TOPIC_EXCHANGE, broadcast_exchange
 
 log = logging.getLogger("taskq.broker")
 
@@ -169,6 +169,8 @@ def route(channel: Any, envelope: Envelope, declared: set[str]) -> tuple[str, st
     """
     if envelope.routing_key is not None:  # (never delayed: the App refuses that)
         return TOPIC_EXCHANGE, envelope.routing_key
+    if envelope.broadcast:
+        return broadcast_exchange(envelope.queue), ""
     if envelope.delay <= 0:
         return "", envelope.queue
     if TOPOLOGY_MARKER not in declared:

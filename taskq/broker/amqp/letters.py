@@ -15,7 +15,7 @@ from ..base import DeadLetter
 from .channel import message_properties
 from .frames import UNDECODABLE
 from .properties import encode_properties
-from .topology import dead_letter_queue_name
+from .topology import dead_letter_queue_name, home_queue
 
 DEAD_REASON = "x-taskq-dead-reason"
 DEAD_EXCEPTION = "x-taskq-dead-exception"
@@ -57,11 +57,11 @@ def dead_letter(
         DEAD_REASON: raw_reason,
         DEAD_EXCEPTION: exc_type[:200],
         DEAD_AT: datetime.now(timezone.utc).isoformat(),
-        DEAD_QUEUE: delivery.queue,
+        DEAD_QUEUE: home_queue(delivery.queue, delivery.headers),
         DEAD_WORKER: worker,
     }
     kept = protocol_headers(delivery.headers)
-    envelope = _raw_copy(delivery, dead_letter_queue_name(delivery.queue), {**kept, **dead})
+    envelope = _raw_copy(delivery, dead_letter_queue_name(dead[DEAD_QUEUE]), {**kept, **dead})
     if _fits(envelope, max_properties):
         return envelope
     envelope.headers = {**{k: _clip(v) for k, v in kept.items()}, **dead}

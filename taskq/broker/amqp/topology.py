@@ -30,6 +30,34 @@ def declare_topic_exchange(channel: Any) -> None:
     channel.exchange_declare(TOPIC_EXCHANGE, "topic", durable=True, auto_delete=False)
 
 
+#: Broadcasts: a fanout exchange per task queue, and a queue per worker bound to the
+#: exchanges of the queues it serves; the broker deletes a worker's queue once no one has
+#: consumed it for this long (the worker is gone).
+BROADCAST_EXPIRES = 60.0
+_WORKER_QUEUE = ("taskq.worker.", ".broadcasts")
+
+
+def broadcast_exchange(queue: str) -> str:
+    return f"taskq.broadcast.{queue}"
+
+
+def broadcast_queue_name(hostname: str) -> str:
+    return f"{_WORKER_QUEUE[0]}{hostname}{_WORKER_QUEUE[1]}"
+
+
+def is_broadcast_queue(queue: str) -> bool:
+    return queue.startswith(_WORKER_QUEUE[0]) and queue.endswith(_WORKER_QUEUE[1])
+
+
+def home_queue(queue: str, headers: dict[Any, Any]) -> str:
+    """The queue a message belongs to: for a broadcast in a worker's queue, the queue it was
+    broadcast to (its dead letters go there); else the queue it came from."""
+    home = headers.get("broadcast")
+    if is_broadcast_queue(queue) and isinstance(home, str) and 0 < len(home.encode()) <= 200:
+        return home
+    return queue
+
+
 def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dlq"
 
@@ -76,6 +104,15 @@ def declare_work_queue(connection: Any, queue: str, max_priority: int | None = N
     that type. One that exists without taskq's dead-letter arguments is used without them:
     returns a warning saying so. Any other difference is a DeclarationConflict.
     """
+    if is_broadcast_queue(queue):  # a worker's own: no dead-letter route, gone with it
+        channel = connection.channel()
+        try:
+            _declare(channel, queue,
+                     arguments={"x-expires": round(BROADCAST_EXPIRES * 1000)})
+        finally:
+            if channel.is_open:
+                channel.close()
+        return None
     arguments = work_queue_arguments(queue, max_priority)
     warning = None
     for _ in range(3):

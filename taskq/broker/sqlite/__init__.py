@@ -30,6 +30,19 @@ from .wake import Waker, wake_dir
 
 __all__ = ["SqliteBroker"]
 
+#: A worker's broadcast queue: ``taskq.worker.<hostname>.broadcasts``.
+BROADCAST_PREFIX, BROADCAST_SUFFIX = "taskq.worker.", ".broadcasts"
+
+
+def home_queue(queue: str, headers: dict[Any, Any]) -> str:
+    """The queue a message belongs to: for a broadcast in a worker's queue, the queue it was
+    broadcast to (its dead letters go there); else the queue it came from."""
+    home = headers.get("broadcast")
+    if (queue.startswith(BROADCAST_PREFIX) and queue.endswith(BROADCAST_SUFFIX)
+            and isinstance(home, str) and home):
+        return home
+    return queue
+
 log = logging.getLogger("taskq.broker")
 
 
@@ -82,7 +95,8 @@ class SqliteBroker(Broker):
         else:
             rows = self.store.read(
                 "SELECT id FROM holders UNION SELECT holder FROM reply_queues "
-                "UNION SELECT DISTINCT holder FROM messages WHERE holder IS NOT NULL"
+                "UNION SELECT DISTINCT holder FROM messages WHERE holder IS NOT NULL "
+                "UNION SELECT holder FROM members"
             )
             dead = [h for (h,) in rows if not liveness.is_alive(self.live_path, h)]
         if not dead:
@@ -97,6 +111,8 @@ class SqliteBroker(Broker):
                              "(SELECT name FROM reply_queues WHERE holder = ?)", (holder,))
                 conn.execute("DELETE FROM reply_queues WHERE holder = ?", (holder,))
                 conn.execute("DELETE FROM holders WHERE id = ?", (holder,))
+                self._drop_members(conn, [m for (m,) in conn.execute(
+                    "SELECT DISTINCT member FROM members WHERE holder = ?", (holder,))])
         if queues:
             self.waker.wake(queues)
             log.warning("%d message(s) held by a process that died went back to their queues",
@@ -133,6 +149,37 @@ class SqliteBroker(Broker):
         with self.store.write() as conn:
             conn.executemany("INSERT OR IGNORE INTO bindings (queue, pattern) VALUES (?, ?)",
                              [(q, p) for q in queues for p in patterns])
+
+    # -- broadcasts: a queue per worker, a member of the queues it serves --------------------
+
+    def broadcast_queue(self, hostname: str) -> str:
+        return f"{BROADCAST_PREFIX}{hostname}{BROADCAST_SUFFIX}"
+
+    def join_broadcasts(self, hostname: str, queues: Iterable[str], timeout: float) -> None:
+        member = self.broadcast_queue(hostname)
+        self.register_queues([member])
+        holder = self.holder()  # the worker's main process: its death ends the membership
+        with self.store.write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO members (queue, member, holder) "
+                             "VALUES (?, ?, ?)", [(q, member, holder) for q in queues])
+
+    def leave_broadcasts(self, hostname: str, timeout: float) -> None:
+        with self.store.write() as conn:
+            self._drop_members(conn, [self.broadcast_queue(hostname)])
+
+    @staticmethod
+    def _drop_members(conn: Any, members: list[str]) -> None:
+        """Forget worker broadcast queues, with the broadcasts they had not started."""
+        for member in members:
+            conn.execute("DELETE FROM members WHERE member = ?", (member,))
+            conn.execute("DELETE FROM messages WHERE queue = ? AND holder IS NULL", (member,))
+            if not conn.execute("SELECT 1 FROM messages WHERE queue = ?", (member,)).fetchone():
+                conn.execute("DELETE FROM queues WHERE name = ?", (member,))
+
+    def members(self, queue: str) -> list[str]:
+        """The broadcast queues of the live workers of ``queue``."""
+        rows = self.store.read("SELECT member, holder FROM members WHERE queue = ?", (queue,))
+        return sorted(m for m, holder in rows if liveness.is_alive(self.live_path, holder))
 
     def bound_queues(self, routing_key: str) -> list[str]:
         """The queues bound to a pattern that ``routing_key`` matches (RabbitMQ's rules)."""

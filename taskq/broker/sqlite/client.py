@@ -97,20 +97,30 @@ class SqliteClient(ClientLink):
 
     # -- publishing --------------------------------------------------------------------------
 
-    def _by_topic(self, envelope: Envelope) -> list[Envelope]:
-        """A message sent by routing key: one copy per queue bound to a matching pattern."""
-        queues = self.broker.bound_queues(envelope.routing_key or "")
-        if not queues:
-            raise Unroutable(
-                f"task {envelope.task_id} was not queued: no queue is bound to a pattern that "
-                f"routing key {envelope.routing_key!r} matches (bind one: taskq worker -Q "
-                "QUEUE --bind PATTERN)"
-            )
-        return [dataclasses.replace(envelope, queue=q, routing_key=None) for q in queues]
+    def _copies(self, envelope: Envelope) -> list[Envelope]:
+        """A message sent by routing key: one copy per queue bound to a matching pattern; a
+        broadcast: one per live worker of its queue."""
+        if envelope.broadcast:
+            queues = self.broker.members(envelope.queue)
+            if not queues:
+                raise Unroutable(
+                    f"broadcast {envelope.task_id} was not sent: no worker of queue "
+                    f"{envelope.queue!r} is up to receive it"
+                )
+        else:
+            queues = self.broker.bound_queues(envelope.routing_key or "")
+            if not queues:
+                raise Unroutable(
+                    f"task {envelope.task_id} was not queued: no queue is bound to a pattern "
+                    f"that routing key {envelope.routing_key!r} matches (bind one: taskq "
+                    "worker -Q QUEUE --bind PATTERN)"
+                )
+        return [dataclasses.replace(envelope, queue=q, routing_key=None, broadcast=False)
+                for q in queues]
 
     def publish(self, envelope: Envelope, deadline: float) -> None:
-        if envelope.routing_key is not None:
-            copies = self._by_topic(envelope)
+        if envelope.routing_key is not None or envelope.broadcast:
+            copies = self._copies(envelope)
             with self.store.write(deadline) as conn:
                 for copy in copies:
                     conn.execute(*insert_message(copy, time.time()))
@@ -126,12 +136,12 @@ class SqliteClient(ClientLink):
         self, envelopes: Sequence[Envelope], deadline: float, confirmed: set[str]
     ) -> dict[str, str]:
         refused: dict[str, str] = {}
-        if any(e.routing_key is not None for e in envelopes):
+        if any(e.routing_key is not None or e.broadcast for e in envelopes):
             direct: list[Envelope] = []
             for envelope in envelopes:
                 try:
-                    direct += [envelope] if envelope.routing_key is None else \
-                        self._by_topic(envelope)
+                    direct += self._copies(envelope) \
+                        if envelope.routing_key is not None or envelope.broadcast else [envelope]
                 except Unroutable as exc:
                     refused[envelope.task_id] = str(exc)
             envelopes = direct

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...message import Delivery, Envelope
 from ..base import DeliveryCallback, Reply, SlotLink
+from . import home_queue
 from .client import insert_message
 from .store import decode_props, encode_props
 from .wake import FALLBACK, Listener
@@ -295,13 +296,13 @@ class SqliteSlot(SlotLink):
             conn.execute(
                 "INSERT INTO dead (queue, body, props, exception, reason, dead_at, worker) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (delivery.queue, delivery.body, props, exc_type, reason,
-                 datetime.now(timezone.utc).isoformat(), worker),
+                (home_queue(delivery.queue, delivery.headers), delivery.body, props, exc_type,
+                 reason, datetime.now(timezone.utc).isoformat(), worker),
             )
             self._file_reply(conn, delivery, reply, woken)
             taken = self._release(conn, delivery)
         self._done(taken, woken)
-        return self.broker.dead_letter_name(delivery.queue)
+        return self.broker.dead_letter_name(home_queue(delivery.queue, delivery.headers))
 
     def forward(self, delivery: Delivery, envelope: Envelope, reply: Reply | None) -> None:
         woken = [envelope.queue]

@@ -94,12 +94,14 @@ CREATE TABLE holders (id INTEGER PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NO
                       started REAL NOT NULL);
 CREATE TABLE rates (key TEXT PRIMARY KEY, last REAL NOT NULL);
 CREATE TABLE bindings (queue TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (queue, pattern));
+CREATE TABLE members (queue TEXT NOT NULL, member TEXT NOT NULL, holder INTEGER NOT NULL,
+                      PRIMARY KEY (queue, member));
 """
 
 
 #: How a file of an older schema becomes the current one (in one transaction, on first open).
 MIGRATIONS = {
-    # 1 → 2: priority queues, rate limits, topic bindings.
+    # 1 → 2: priority queues, rate limits, topic bindings, broadcast members.
     "1": """
 ALTER TABLE queues ADD COLUMN max_priority INTEGER;
 ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
@@ -107,6 +109,8 @@ CREATE INDEX messages_ranked ON messages (queue, priority DESC, due, id)
     WHERE holder IS NULL AND priority > 0;
 CREATE TABLE rates (key TEXT PRIMARY KEY, last REAL NOT NULL);
 CREATE TABLE bindings (queue TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (queue, pattern));
+CREATE TABLE members (queue TEXT NOT NULL, member TEXT NOT NULL, holder INTEGER NOT NULL,
+                      PRIMARY KEY (queue, member));
 """,
 }
 

@@ -236,6 +236,66 @@ class App:
                     _close_at_exit(self)
         return self._replies
 
+    @overload
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = ...,
+        kwargs: Mapping[str, Any] | None = ...,
+        *,
+        queue: str | None = ...,
+        countdown: float | None = ...,
+        eta: datetime | None = ...,
+        expires: float | datetime | None = ...,
+        task_id: str | None = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+        ignore_result: bool = ...,
+        priority: int | None = ...,
+        routing_key: str | None = ...,
+        broadcast: Literal[False] = ...,
+    ) -> AsyncResult[Any]: ...
+
+    @overload
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = ...,
+        kwargs: Mapping[str, Any] | None = ...,
+        *,
+        queue: str | None = ...,
+        countdown: float | None = ...,
+        eta: datetime | None = ...,
+        expires: float | datetime | None = ...,
+        task_id: str | None = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+        ignore_result: bool = ...,
+        priority: int | None = ...,
+        routing_key: str | None = ...,
+        broadcast: Literal[True],
+    ) -> BroadcastResult[Any]: ...
+
+    @overload
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = ...,
+        kwargs: Mapping[str, Any] | None = ...,
+        *,
+        queue: str | None = ...,
+        countdown: float | None = ...,
+        eta: datetime | None = ...,
+        expires: float | datetime | None = ...,
+        task_id: str | None = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+        ignore_result: bool = ...,
+        priority: int | None = ...,
+        routing_key: str | None = ...,
+        broadcast: bool = ...,
+    ) -> AsyncResult[Any] | BroadcastResult[Any]: ...
+
     def send_task(
         self,
         name: str,

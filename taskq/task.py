@@ -12,14 +12,14 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from .errors import ConfigurationError, MaxRetriesExceededError, Retry
 from .rates import check_scope, interval_of
 
 if TYPE_CHECKING:
     from .app import App
-    from .result import AsyncResult, EagerResult
+    from .result import AsyncResult, BroadcastResult, EagerResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -215,6 +215,44 @@ class Task(Generic[P, R]):
         """Send the task with these arguments; return once the broker has stored it."""
         return self.apply_async(args, kwargs)
 
+    @overload
+    def apply_async(
+        self,
+        args: Sequence[Any] = ...,
+        kwargs: Mapping[str, Any] | None = ...,
+        *,
+        queue: str | None = ...,
+        countdown: float | None = ...,
+        eta: datetime | None = ...,
+        expires: float | datetime | None = ...,
+        task_id: str | None = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+        ignore_result: bool | None = ...,
+        priority: int | None = ...,
+        routing_key: str | None = ...,
+        broadcast: Literal[False] | None = ...,
+    ) -> AsyncResult[R]: ...
+
+    @overload
+    def apply_async(
+        self,
+        args: Sequence[Any] = ...,
+        kwargs: Mapping[str, Any] | None = ...,
+        *,
+        queue: str | None = ...,
+        countdown: float | None = ...,
+        eta: datetime | None = ...,
+        expires: float | datetime | None = ...,
+        task_id: str | None = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
+        ignore_result: bool | None = ...,
+        priority: int | None = ...,
+        routing_key: str | None = ...,
+        broadcast: Literal[True],
+    ) -> BroadcastResult[R]: ...
+
     def apply_async(
         self,
         args: Sequence[Any] = (),
@@ -231,7 +269,7 @@ class Task(Generic[P, R]):
         priority: int | None = None,
         routing_key: str | None = None,
         broadcast: bool | None = None,
-    ) -> AsyncResult[R]:
+    ) -> AsyncResult[R] | BroadcastResult[R]:
         """Send the task with options; return once the broker has confirmed the message.
 
         ``countdown`` (seconds) or ``eta`` (an aware datetime) delay it in the broker;
@@ -242,7 +280,7 @@ class Task(Generic[P, R]):
         """
         kwargs = dict(kwargs or {})
         self.check_arguments(args, kwargs)
-        result: AsyncResult[R] = self.app.send_task(
+        result: AsyncResult[R] | BroadcastResult[R] = self.app.send_task(
             self.name,
             args,
             kwargs,

@@ -25,23 +25,12 @@ from ...errors import DeclarationConflict
 from ...routing import topic_matches
 from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
 from . import liveness
+from .names import member_queue
 from .store import Store, parse_url
 from .wake import Waker, wake_dir
 
 __all__ = ["SqliteBroker"]
 
-#: A worker's broadcast queue: ``taskq.worker.<hostname>.broadcasts``.
-BROADCAST_PREFIX, BROADCAST_SUFFIX = "taskq.worker.", ".broadcasts"
-
-
-def home_queue(queue: str, headers: dict[Any, Any]) -> str:
-    """The queue a message belongs to: for a broadcast in a worker's queue, the queue it was
-    broadcast to (its dead letters go there); else the queue it came from."""
-    home = headers.get("broadcast")
-    if (queue.startswith(BROADCAST_PREFIX) and queue.endswith(BROADCAST_SUFFIX)
-            and isinstance(home, str) and home):
-        return home
-    return queue
 
 log = logging.getLogger("taskq.broker")
 
@@ -153,7 +142,7 @@ class SqliteBroker(Broker):
     # -- broadcasts: a queue per worker, a member of the queues it serves --------------------
 
     def broadcast_queue(self, hostname: str) -> str:
-        return f"{BROADCAST_PREFIX}{hostname}{BROADCAST_SUFFIX}"
+        return member_queue(hostname)
 
     def join_broadcasts(self, hostname: str, queues: Iterable[str], timeout: float) -> None:
         member = self.broadcast_queue(hostname)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 from ...errors import Unroutable
 from ...message import Delivery, Envelope
 from ..base import ClientLink
+from .names import is_member
 from .store import decode_props, encode_props
-from .wake import FALLBACK, Listener
+from .wake import BROADCAST, FALLBACK, WAKE, Listener
 
 if TYPE_CHECKING:
     from . import SqliteBroker
@@ -124,7 +125,8 @@ class SqliteClient(ClientLink):
             with self.store.write(deadline) as conn:
                 for copy in copies:
                     conn.execute(*insert_message(copy, time.time()))
-            self.broker.waker.wake({copy.queue for copy in copies})
+            self.broker.waker.wake({copy.queue for copy in copies},
+                                   BROADCAST if envelope.broadcast else WAKE)
             return
         self.broker.register_queues((envelope.queue,))
         statement, row = insert_message(envelope, time.time())
@@ -154,7 +156,10 @@ class SqliteClient(ClientLink):
             else:
                 conn.executemany(INSERT_MESSAGE, [message_row(e, now) for e in envelopes])
         confirmed.update(e.task_id for e in envelopes)
-        self.broker.waker.wake({e.queue for e in envelopes})
+        queues = {e.queue for e in envelopes}
+        members = {q for q in queues if is_member(q)}
+        self.broker.waker.wake(queues - members)
+        self.broker.waker.wake(members, BROADCAST)
         return refused
 
     # -- the reply queue ---------------------------------------------------------------------

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ...message import Delivery, Envelope
 from ..base import DeliveryCallback, Reply, SlotLink
-from . import home_queue
 from .client import insert_message
+from .names import home_queue, is_member
 from .store import decode_props, encode_props
 from .wake import FALLBACK, Listener
 
@@ -35,6 +35,8 @@ _LINKS: weakref.WeakSet[SqliteSlot] = weakref.WeakSet()
 
 #: How often an idle slot looks for processes that died holding messages (seconds).
 SWEEP_EVERY = 2.0
+#: How often a slot looks at its worker's broadcast queue unasked (seconds).
+MEMBER_EVERY = 1.0
 
 CLAIM = (
     "UPDATE messages SET holder = ?, deliveries = deliveries + 1 WHERE id = ("
@@ -75,13 +77,17 @@ class SqliteSlot(SlotLink):
     ) -> None:
         self.broker = broker
         self.store = broker.store
-        self.queues = list(queues)
+        #: The worker's broadcast queue, looked at when a wake-up says a broadcast waits
+        #: (and every MEMBER_EVERY seconds): not in every claim, which would cost a query.
+        self.member = next((q for q in queues if is_member(q)), None)
+        self.queues = [q for q in queues if not is_member(q)]
         self._on_delivery = on_delivery
         self.holder = broker.holder()
-        broker.register_queues(self.queues)
+        broker.register_queues(queues)
         self.listener = Listener(
-            broker.wake_dir, self.queues, f"s-{self.holder:x}-{id(self):x}"
+            broker.wake_dir, queues, f"s-{self.holder:x}-{id(self):x}"
         )
+        self._member_look = 0.0  # when to look at the broadcast queue next (monotonic)
         self.input = _Readiness(self.listener)
         self.opened_at = time.monotonic()
         self._active = False
@@ -90,9 +96,9 @@ class SqliteSlot(SlotLink):
         self._next_due: float | None = None
         self._next_sweep = time.monotonic() + SWEEP_EVERY
         self._last_look = time.monotonic()
-        self._placeholders = ",".join("?" * len(self.queues))
+        self._all = [*self.queues, *([self.member] if self.member else [])]
         ceiling = broker.config.max_priority_for
-        self._claims = {q: CLAIM_RANKED if ceiling(q) else CLAIM for q in self.queues}
+        self._claims = {q: CLAIM_RANKED if ceiling(q) else CLAIM for q in self._all}
         self._started = False
         _LINKS.add(self)
 
@@ -139,9 +145,10 @@ class SqliteSlot(SlotLink):
     def _claim(self) -> None:
         self._last_look = time.monotonic()
         now = time.time()
+        queues = self._all if self._member_due() else self.queues
         ready = self.store.read(
-            f"SELECT MIN(due) FROM messages WHERE queue IN ({self._placeholders}) "
-            "AND holder IS NULL", self.queues)
+            f"SELECT MIN(due) FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
+            "AND holder IS NULL", queues)
         earliest = ready[0][0] if ready else None
         if earliest is None or earliest > now:
             self._next_due = earliest
@@ -159,6 +166,13 @@ class SqliteSlot(SlotLink):
         """
         self._last_look = time.monotonic()
         now = time.time()
+        if self.member is not None and self._member_due():
+            self.listener.broadcast = False
+            self._member_look = self._last_look + MEMBER_EVERY
+            row = conn.execute(CLAIM, (self.holder, self.member, now)).fetchone()
+            if row is not None:
+                self._held = row[0]
+                return self.member, row
         for step in range(len(self.queues)):
             queue = self.queues[(self._turn + step) % len(self.queues)]
             row = conn.execute(self._claims[queue], (self.holder, queue, now)).fetchone()
@@ -199,9 +213,13 @@ class SqliteSlot(SlotLink):
 
     def ready_now(self) -> bool:
         rows = self.store.read(
-            f"SELECT 1 FROM messages WHERE queue IN ({self._placeholders}) "
-            "AND holder IS NULL AND due <= ? LIMIT 1", [*self.queues, time.time()])
+            f"SELECT 1 FROM messages WHERE queue IN ({','.join('?' * len(self._all))}) "
+            "AND holder IS NULL AND due <= ? LIMIT 1", [*self._all, time.time()])
         return bool(rows)
+
+    def _member_due(self) -> bool:
+        return self.member is not None and (
+            self.listener.broadcast or time.monotonic() >= self._member_look)
 
     def next_wakeup(self) -> float | None:
         """Until the earliest delayed message is due and, while idle, at most until FALLBACK

@@ -28,6 +28,9 @@ from pathlib import Path
 
 #: How often a waiter looks even when nobody woke it (seconds).
 FALLBACK = 2.0
+#: The byte of a wake-up; BROADCAST's says a broadcast waits (a waiter looks for those only
+#: when told, or now and then: they are rare, and a look costs a query).
+WAKE, BROADCAST = b"\0", b"b"
 #: The longest socket address the kernel takes (sun_path holds 108 bytes with the NUL).
 _MAX_SOCKET_PATH = 107
 #: The longest address used under the wake directory: a waiter's link in a queue's folder,
@@ -65,27 +68,27 @@ class Waker:
             folder = self._folders[queue] = str(self.directory / queue_key(queue))
         return folder
 
-    def wake(self, queues: Iterable[str]) -> None:
+    def wake(self, queues: Iterable[str], signal: bytes = WAKE) -> None:
         for queue in set(queues):
-            self.wake_one(queue)
+            self.wake_one(queue, signal)
 
-    def wake_one(self, queue: str) -> None:
+    def wake_one(self, queue: str, signal: bytes = WAKE) -> None:
         """Wake every waiter for ``queue`` (what a publish of one message does)."""
         try:
             entries = list(os.scandir(self._folder(queue)))
         except OSError:
             return  # nobody has ever waited for it
         for entry in entries:
-            self._send(entry.path)
+            self._send(entry.path, signal)
 
-    def _send(self, path: str) -> None:
+    def _send(self, path: str, signal: bytes) -> None:
         with self._lock:  # no thread sends on a socket another one is renewing
-            self._send_locked(path)
+            self._send_locked(path, signal)
 
-    def _send_locked(self, path: str) -> None:
+    def _send_locked(self, path: str, signal: bytes) -> None:
         for fresh in (False, True):
             try:
-                self._sock.sendto(b"\0", path)
+                self._sock.sendto(signal, path)
                 return
             except BlockingIOError:
                 # Either the waiter has wake-ups it has not read (it is awake: enough), or
@@ -122,6 +125,8 @@ class Listener:
         self.sock.bind(str(self.path))
         self.sock.setblocking(False)
         self.links: list[Path] = []
+        #: Set when a wake-up said a broadcast waits (the reader resets it).
+        self.broadcast = False
         for queue in queues:
             self.listen(queue)
 
@@ -138,14 +143,17 @@ class Listener:
         return self.sock.fileno()
 
     def clear(self) -> bool:
-        """Read every wake-up waiting; whether there was any."""
+        """Read every wake-up waiting; whether there was any (``broadcast`` is set if one
+        said a broadcast waits)."""
         woken = False
         while True:
             try:
-                self.sock.recv(64)
+                signal = self.sock.recv(64)
             except OSError:
                 return woken
             woken = True
+            if signal == BROADCAST:
+                self.broadcast = True
 
     def close(self) -> None:
         for link in self.links:

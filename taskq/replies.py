@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any
+from typing import Any, TypeVar
 
 from . import serialization, states
 from .broker import Broker
@@ -36,6 +36,8 @@ from .broker.base import ClientLink
 from .config import Config
 from .errors import BrokerUnavailable, DecodeError, ResultUnavailable
 from .message import Delivery, exception_to_wire
+
+P = TypeVar("P", bound="Pending")
 
 log = logging.getLogger("taskq.results")
 
@@ -169,25 +171,20 @@ class ReplyConsumer:
 
     def expect(self, task_id: str) -> Pending:
         """Register interest in ``task_id`` (before sending it); set up the queue if needed."""
-        if self._pid != os.getpid():
-            self._after_fork()
-        if not self._started:
-            self._start()
-        pending = Pending(task_id)
-        with self._registry:
-            self._pending[task_id] = pending
-        return pending
+        return self._register(Pending(task_id))
 
     def gather(self, task_id: str) -> Gathering:
         """Register interest in every result of broadcast ``task_id`` (before sending it)."""
+        return self._register(Gathering(task_id))
+
+    def _register(self, pending: P) -> P:
         if self._pid != os.getpid():
             self._after_fork()
         if not self._started:
             self._start()
-        gathering = Gathering(task_id)
         with self._registry:
-            self._pending[task_id] = gathering
-        return gathering
+            self._pending[pending.task_id] = pending
+        return pending
 
     def forget(self, task_id: str) -> None:
         with self._registry:

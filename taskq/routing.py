@@ -94,22 +94,21 @@ def _route(pattern: str, value: object) -> Route:
 
 def check_routing_key(key: object) -> str:
     """A routing key as given, or a one-line error."""
-    if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
-        raise ConfigurationError(
-            f"routing_key must be a non-empty string of at most {MAX_KEY_BYTES} bytes, such "
-            f"as 'eu.orders.created', not {key!r}"
-        )
-    return key
+    return _short_string(key, "routing_key must be", "'eu.orders.created'")
 
 
 def check_binding(pattern: object) -> str:
     """A binding pattern (words separated by dots; ``*`` one word, ``#`` any number)."""
-    if not isinstance(pattern, str) or not pattern or len(pattern.encode()) > MAX_KEY_BYTES:
+    return _short_string(pattern, "a binding pattern must be", "'eu.orders.*' or 'eu.#'")
+
+
+def _short_string(value: object, what: str, example: str) -> str:
+    if not isinstance(value, str) or not value or len(value.encode()) > MAX_KEY_BYTES:
         raise ConfigurationError(
-            f"a binding pattern must be a non-empty string of at most {MAX_KEY_BYTES} bytes, "
-            f"such as 'eu.orders.*' or 'eu.#', not {pattern!r}"
+            f"{what} a non-empty string of at most {MAX_KEY_BYTES} bytes, such as {example}, "
+            f"not {value!r}"
         )
-    return pattern
+    return value
 
 
 def topic_matches(pattern: str, key: str) -> bool:

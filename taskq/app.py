@@ -336,10 +336,7 @@ class App:
             eager = run_eagerly(self, name, args, kwargs or {}, queue, task_id, ignore_result,
                                 time_limit=time_limit, soft_time_limit=soft_time_limit)
             return eager.as_broadcast() if broadcast else eager
-        extra_headers: dict[str, Any] | None = None
-        if self.hooks.send:  # each adds to the headers it is given
-            extra_headers = {}
-            self.hooks.call("on_send", self.hooks.send, extra_headers)
+        extra_headers = self.hooks.send_headers()
         pending: Any = None
         reply_to = None
         if not ignore_result:

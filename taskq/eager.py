@@ -45,8 +45,7 @@ def run_eagerly(
 ) -> EagerResult[Any]:
     """Run task ``name`` here, now; its outcome as a result handle."""
     config = app.config
-    extra_headers: dict[str, Any] = {}
-    app.hooks.call("on_send", app.hooks.send, extra_headers)
+    extra_headers = app.hooks.send_headers()
     retries = 0
     while True:
         envelope = task_envelope(

@@ -66,6 +66,14 @@ class Hooks:
         self.after_task: list[Hook] = []
         self.failure: list[Hook] = []
 
+    def send_headers(self) -> dict[str, Any] | None:
+        """The headers the on_send hooks add to a message (None: no such hook)."""
+        if not self.send:
+            return None
+        headers: dict[str, Any] = {}
+        self.call("on_send", self.send, headers)
+        return headers
+
     def call(self, point: str, hooks: list[Hook], *args: Any) -> None:
         """Call each hook of ``point``; log (never raise) what one raises."""
         for hook in hooks:

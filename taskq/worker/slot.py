@@ -33,6 +33,7 @@ from ..copies import delayed, retry
 from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
 from ..message import Delivery
 from ..rates import Pacer
+from ..task import Task
 from .execute import Job, Outcome, answerer, execute, failure_outcome
 from .executor import ProcessExecutor, forkserver_context
 from .triage import Later, Refuse, SlotOptions, reply_to, triage
@@ -344,19 +345,18 @@ class Slot:
             self._reject(delivery, decision.error)
         elif isinstance(decision, Later):
             self._later(delivery, decision.seconds)
-        elif self._held_back(delivery):
+        elif self._held_back(delivery, decision.task):
             pass
         elif decision.hard_limit:
             self._submit(delivery, decision.job, decision.hard_limit)
         else:
             self._run_here(delivery, decision.job)
 
-    def _held_back(self, delivery: Delivery) -> bool:
+    def _held_back(self, delivery: Delivery, task: Task[Any, Any]) -> bool:
         """A rate-limited task that may not start yet goes back to the broker until the
         next free interval (see :mod:`taskq.rates`); the slot takes other work."""
-        task = self.app.tasks.get(delivery.task_name or "")
-        interval = task.rate_interval if task is not None else None
-        if task is None or interval is None:
+        interval = task.rate_interval
+        if interval is None:
             return False
         key = task.name
         if task.options.rate_limit_scope == "worker":

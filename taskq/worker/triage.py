@@ -56,6 +56,7 @@ class SlotOptions:
 class Run:
     job: Job
     hard_limit: float | None
+    task: Task[Any, Any]
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def triage(
             accept=accept,
         ),
         hard,
+        task,
     )
 
 

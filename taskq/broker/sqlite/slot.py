@@ -97,6 +97,12 @@ class SqliteSlot(SlotLink):
         self._next_sweep = time.monotonic() + SWEEP_EVERY
         self._last_look = time.monotonic()
         self._all = [*self.queues, *([self.member] if self.member else [])]
+        #: How much is due, in the work queues or in all (the broadcast queue too).
+        self._earliest = {
+            len(queues): "SELECT MIN(due) FROM messages WHERE queue IN "
+                         f"({','.join('?' * len(queues))}) AND holder IS NULL"
+            for queues in (self.queues, self._all)
+        }
         ceiling = broker.config.max_priority_for
         self._claims = {q: CLAIM_RANKED if ceiling(q) else CLAIM for q in self._all}
         self._started = False
@@ -146,9 +152,7 @@ class SqliteSlot(SlotLink):
         self._last_look = time.monotonic()
         now = time.time()
         queues = self._all if self._member_due() else self.queues
-        ready = self.store.read(
-            f"SELECT MIN(due) FROM messages WHERE queue IN ({','.join('?' * len(queues))}) "
-            "AND holder IS NULL", queues)
+        ready = self.store.read(self._earliest[len(queues)], queues)
         earliest = ready[0][0] if ready else None
         if earliest is None or earliest > now:
             self._next_due = earliest

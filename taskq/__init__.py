@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 
 from .app import App, default_app, task
+from .canvas import Chain, Chord, Group, GroupResult, Signature, chain, chord, group, signature
 from .config import Config
 from .errors import (
     AppLoadError,
     BatchPublishError,
     BrokerError,
     BrokerUnavailable,
+    ChordError,
     ConfigurationError,
     ContentDisallowed,
     DeclarationConflict,
@@ -63,6 +65,9 @@ __all__ = [
     "BroadcastResult",
     "BrokerError",
     "BrokerUnavailable",
+    "Chain",
+    "Chord",
+    "ChordError",
     "Config",
     "ConfigurationError",
     "ContentDisallowed",
@@ -70,6 +75,8 @@ __all__ = [
     "DecodeError",
     "EagerResult",
     "EncodeError",
+    "Group",
+    "GroupResult",
     "MaxRetriesExceededError",
     "MessageDecodeError",
     "MessageNacked",
@@ -82,6 +89,7 @@ __all__ = [
     "ResultUnavailable",
     "Retry",
     "SerializationError",
+    "Signature",
     "SoftTimeLimitExceeded",
     "Task",
     "TaskExpired",
@@ -93,6 +101,10 @@ __all__ = [
     "Unroutable",
     "WorkerLostError",
     "__version__",
+    "chain",
+    "chord",
     "default_app",
+    "group",
+    "signature",
     "task",
 ]

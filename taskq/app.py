@@ -20,7 +20,8 @@ from .message import Envelope, task_envelope
 from .producer import Producer
 from .replies import ReplyConsumer
 from .result import AsyncResult, BroadcastResult
-from .routing import Router, check_routing_key
+from .routing import Router, check_routing_key, signature_destination
+from .schedules import Entry, make_entry
 from .task import P, R, Task, TaskOptions, main_module_name, new_task_id, resolve_schedule
 
 log = logging.getLogger("taskq")
@@ -58,6 +59,8 @@ class App:
         for cls in exceptions:
             self.exception(cls)
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Periodic tasks, by entry name (see :meth:`schedule`).
+        self.schedule_entries: dict[str, Entry] = {}
         #: Functions called at points of a worker's and a task's life (see :mod:`taskq.hooks`).
         self.hooks = Hooks()
         self._lock = threading.RLock()
@@ -174,6 +177,34 @@ class App:
         if module == "__main__":  # a worker imports the script under its module name
             self.exceptions[(self.main or main_module_name(), cls.__qualname__)] = cls
         return cls
+
+    # -- periodic tasks (see taskq.schedules and taskq.beat) ------------------------------------
+
+    def schedule(
+        self,
+        sig: Any,
+        *,
+        every: float | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        name: str | None = None,
+        missed: Literal["late", "skip"] = "late",
+    ) -> Entry:
+        """Send the signature ``sig`` (``task.s(...)``) periodically: ``every`` seconds, or at
+        the times of ``cron`` (``"0 7 * * mon-fri"``, in time zone ``tz``, default UTC; needs
+        ``pip install 'taskq[cron]'``). Run by ``taskq beat -A app`` or ``taskq worker
+        --beat``: once per due time, however many beats run. ``name``: the entry's, unique
+        in the app (default: the task's name). ``missed``: for due times that passed while no
+        beat ran, ``"late"`` fires once, for the latest of them; ``"skip"`` fires none."""
+        entry = make_entry(sig, every=every, cron=cron, tz=tz, name=name, missed=missed)
+        if entry.name in self.schedule_entries:
+            raise ConfigurationError(
+                f"two periodic tasks are named {entry.name!r} in this app: give one a name= "
+                "(app.schedule(..., name='...'))"
+            )
+        self.envelope_for(entry.sig, task_id="check")  # arguments that can't be sent: now
+        self.schedule_entries[entry.name] = entry
+        return entry
 
     # -- hooks (see taskq.hooks: where each is called, with what) ------------------------------
 
@@ -336,47 +367,126 @@ class App:
             eager = run_eagerly(self, name, args, kwargs or {}, queue, task_id, ignore_result,
                                 time_limit=time_limit, soft_time_limit=soft_time_limit)
             return eager.as_broadcast() if broadcast else eager
-        extra_headers = self.hooks.send_headers()
         pending: Any = None
         reply_to = None
         if not ignore_result:
             replies = self.replies
             pending = replies.gather(task_id) if broadcast else replies.expect(task_id)
             reply_to = replies.queue
-        envelope = task_envelope(
-            task_id=task_id,
-            name=name,
-            args=tuple(args),
-            kwargs=kwargs or {},
-            queue=queue,
-            serializer=config.serializer,
-            reply_to=reply_to,
-            eta=eta,
-            expires=expires_at,
-            delay=delay,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-            ignore_result=ignore_result,
-            priority=priority,
-            extra_headers=extra_headers,
-            routing_key=routing_key,
-            broadcast=broadcast,
-        )
-        result: Any = (BroadcastResult if broadcast else AsyncResult)(
-            task_id, name, pending, self._replies, self.exceptions
-        )
-        batch: Batch | None = getattr(self._local, "batch", None)
-        if batch is not None:
-            self.producer.check_size(envelope)
-            batch.envelopes.append(envelope)
-            return result
         try:
-            self.producer.send(envelope)
+            envelope = task_envelope(
+                task_id=task_id,
+                name=name,
+                args=tuple(args),
+                kwargs=kwargs or {},
+                queue=queue,
+                serializer=config.serializer,
+                reply_to=reply_to,
+                eta=eta,
+                expires=expires_at,
+                delay=delay,
+                time_limit=time_limit,
+                soft_time_limit=soft_time_limit,
+                ignore_result=ignore_result,
+                priority=priority,
+                extra_headers=self.hooks.send_headers(),
+                routing_key=routing_key,
+                broadcast=broadcast,
+            )
         except BaseException:
             if pending is not None:
                 self.replies.forget(task_id)
             raise
+        result: Any = (BroadcastResult if broadcast else AsyncResult)(
+            task_id, name, pending, self._replies, self.exceptions
+        )
+        self.dispatch(envelope, [task_id] if pending is not None else [])
         return result
+
+    def dispatch(self, envelope: Envelope, expected: Sequence[str] = ()) -> None:
+        """Send a message built here (into the batch being collected, if any); on failure,
+        stop waiting for the results ``expected`` (their ids were registered first)."""
+        batch: Batch | None = getattr(self._local, "batch", None)
+        try:
+            if batch is not None:
+                self.producer.check_size(envelope)
+                batch.envelopes.append(envelope)
+                batch.expected[envelope.task_id] = list(expected)
+                return
+            self.producer.send(envelope)
+        except BaseException:
+            for task_id in expected:
+                self.replies.forget(task_id)
+            raise
+
+    def envelope_for(
+        self,
+        sig: Mapping[str, Any],
+        *,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        reply_to: str | None = None,
+        embed: Mapping[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
+        once: bool = False,
+    ) -> Envelope:
+        """The message that sends signature ``sig`` (a :class:`taskq.canvas.Signature` or
+        its dict form), not sent: its options, else its task's own (if registered here),
+        else the app's. ``args``/``kwargs`` replace the signature's; ``task_id`` its own."""
+        name = str(sig.get("task") or "")
+        if not name:
+            raise ConfigurationError(f"a signature names no task: {dict(sig)!r}")
+        options: Mapping[str, Any] = sig.get("options") or {}
+        own = self.tasks.get(name)
+        defaults = own.options if own is not None else None
+
+        def option(key: str) -> Any:
+            value = options.get(key)
+            if value is None and defaults is not None:
+                value = getattr(defaults, key, None)
+            return value
+
+        countdown, eta, expires = options.get("countdown"), options.get("eta"), \
+            options.get("expires")
+        if isinstance(eta, str):
+            eta = datetime.fromisoformat(eta)
+        if countdown is None and eta is None and expires is None:
+            delay, expires_at = 0.0, None
+        else:
+            eta, delay, expires_at = resolve_schedule(countdown, eta, expires)
+        queue, routing_key = signature_destination(options)
+        queue, routing_key = self._destination(
+            name, queue or (defaults.queue if defaults is not None else None), routing_key,
+            False, delay)
+        task_id = task_id or options.get("task_id") or new_task_id()
+        extra = self.hooks.send_headers()
+        if headers:
+            extra = {**(extra or {}), **headers}
+        links = {k: v for k, v in (("callbacks", options.get("link")),
+                                   ("errbacks", options.get("link_error"))) if v}
+        if links:  # Celery's link / link_error: signatures sent after this one
+            embed = {**(embed or {}), **links}
+        return task_envelope(
+            task_id=task_id,
+            name=name,
+            args=tuple(sig.get("args") or () if args is None else args),
+            kwargs=dict(sig.get("kwargs") or {} if kwargs is None else kwargs),
+            queue=queue,
+            serializer=self.config.serializer,
+            reply_to=reply_to,
+            eta=eta,
+            expires=expires_at,
+            delay=delay,
+            time_limit=option("time_limit"),
+            soft_time_limit=option("soft_time_limit"),
+            ignore_result=bool(option("ignore_result")),
+            priority=check_priority(option("priority")),
+            extra_headers=extra,
+            routing_key=routing_key,
+            embed=embed,
+            once=once,
+        )
 
     def _destination(
         self, name: str, queue: str | None, routing_key: str | None, broadcast: bool,
@@ -418,33 +528,35 @@ class App:
         try:
             yield batch
         except BaseException:
-            self._forget(batch.envelopes)
+            self._forget(batch, batch.envelopes)
             raise
         finally:
             self._local.batch = None
-        self._send_batch(batch.envelopes)
+        self._send_batch(batch)
 
-    def _send_batch(self, envelopes: list[Envelope]) -> None:
+    def _send_batch(self, batch: Batch) -> None:
+        envelopes = batch.envelopes
         if not envelopes:
             return
         try:
             refused = self.producer.send_many(envelopes)
         except BatchPublishError as exc:
             failed = set(exc.failed)
-            self._forget([e for e in envelopes if e.task_id in failed])
+            self._forget(batch, [e for e in envelopes if e.task_id in failed])
             raise
         if refused:
-            self._forget([e for e in envelopes if e.task_id in refused])
+            self._forget(batch, [e for e in envelopes if e.task_id in refused])
             examples = "; ".join(f"{tid}: {why}" for tid, why in list(refused.items())[:3])
             raise BatchPublishError(
                 f"{len(refused)} of {len(envelopes)} tasks were not queued ({examples})",
                 failed=list(refused),
             )
 
-    def _forget(self, envelopes: list[Envelope]) -> None:
+    def _forget(self, batch: Batch, envelopes: list[Envelope]) -> None:
         if self._replies is not None:
             for envelope in envelopes:
-                self._replies.forget(envelope.task_id)
+                for task_id in batch.expected.get(envelope.task_id, ()):
+                    self._replies.forget(task_id)
 
     def _after_fork_in_child(self) -> None:
         """Right after ``os.fork()``, in the child: fresh locks and links. Any lock another
@@ -468,6 +580,8 @@ class Batch:
 
     def __init__(self) -> None:
         self.envelopes: list[Envelope] = []
+        #: Task id of a message -> the results waited on through it (forgotten if not sent).
+        self.expected: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.envelopes)

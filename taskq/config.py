@@ -62,6 +62,15 @@ class Config:
     #: Run every task in the calling process, at once, instead of sending it (for tests):
     #: ``.delay()`` returns an :class:`~taskq.result.EagerResult`. See :mod:`taskq.eager`.
     eager: bool = False
+    #: How long the broker keeps what workflows need after their last use (seconds): a
+    #: chord's parts while its header runs, and on RabbitMQ the mark that tells a workflow
+    #: message's second copy from its first (one small queue per chain step, chord callback
+    #: and schedule fire, for this long). Longer than any gap between a chord's parts.
+    workflow_expires: float = 24 * 3600.0
+    #: Which schedule in the broker this app's periodic tasks are (``app.schedule``, ``taskq
+    #: beat``): its beats share one active scheduler and one record of what was fired. Apps
+    #: with different schedules on one broker (vhost or file) need different names.
+    beat_name: str = "default"
     #: Extra worker-side defaults: hard and soft time limits in seconds (None: no limit).
     time_limit: float | None = None
     soft_time_limit: float | None = None

@@ -151,6 +151,10 @@ class MaxRetriesExceededError(TaskFailure):
     """``self.retry()`` was called after ``max_retries`` retries, with no exception to report."""
 
 
+class ChordError(TaskFailure):
+    """A chord's header task failed: the callback did not run (the message names the task)."""
+
+
 class Retry(TaskqError):
     """Raised by ``self.retry()``: tells the worker to schedule the task again.
 
@@ -178,6 +182,8 @@ KNOWN_FAILURES: dict[str, type[BaseException]] = {
         SoftTimeLimitExceeded,
         TaskExpired,
         MaxRetriesExceededError,
+        ChordError,
+        Unroutable,
         ResultUnavailable,
         EncodeError,
         DecodeError,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -53,6 +53,10 @@ class Envelope:
     routing_key: str | None = None
     #: Sent to every worker of ``queue`` that is up (each has a queue of its own for these).
     broadcast: bool = False
+    #: A workflow's message that a process killed at the wrong moment may store twice (a
+    #: chain's next step, a chord's callback, a schedule's fire), always under the same task
+    #: id: the broker sees that only one copy runs (see ``SlotLink.is_copy``).
+    once: bool = False
 
     @property
     def task_id(self) -> str:
@@ -115,9 +119,13 @@ def task_envelope(
     priority: int | None = None,
     routing_key: str | None = None,
     broadcast: bool = False,
+    embed: Mapping[str, Any] | None = None,
+    once: bool = False,
 ) -> Envelope:
-    """Build a protocol-v2 task message (raises EncodeError naming the task if args won't go)."""
-    body = serialization.task_body(serializer, args, kwargs, f"arguments of task {name}")
+    """Build a protocol-v2 task message (raises EncodeError naming the task if args won't go).
+
+    ``embed``: the body's workflow part (a chain's later steps, a chord's callback)."""
+    body = serialization.task_body(serializer, args, kwargs, f"arguments of task {name}", embed)
     # Only headers that say something: one left out means its default (root_id: the task's
     # own id; parent_id, group: none), and Celery's worker reads all but task and id with
     # .get() and that default. Every header costs encoding here, parsing in the broker (it
@@ -154,11 +162,20 @@ def task_envelope(
         priority=priority,
         routing_key=routing_key,
         broadcast=broadcast,
+        once=once,
     )
 
 
 def parse_body(delivery: Delivery, accept: tuple[str, ...]) -> tuple[list[Any], dict[str, Any]]:
     """Decode ``[args, kwargs, embed]``; raise ContentDisallowed or DecodeError."""
+    args, kwargs, _ = parse_full_body(delivery, accept)
+    return args, kwargs
+
+
+def parse_full_body(
+    delivery: Delivery, accept: tuple[str, ...]
+) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """``(args, kwargs, embed)``; an embed that is missing or not a mapping reads as {}."""
     value = serialization.decode(delivery.content_type, delivery.body, accept)
     if (
         not isinstance(value, (list, tuple))
@@ -167,7 +184,22 @@ def parse_body(delivery: Delivery, accept: tuple[str, ...]) -> tuple[list[Any], 
         or not isinstance(value[1], dict)
     ):
         raise DecodeError("body is not a protocol v2 task body [args, kwargs, embed]")
-    return list(value[0]), value[1]
+    embed = value[2] if len(value) > 2 and isinstance(value[2], dict) else {}
+    return list(value[0]), value[1], embed
+
+
+def with_parts(template: Envelope, parts: list[bytes], prepend: bool) -> Envelope:
+    """A chord callback's message: ``template``'s, with the list of the parts' values (in
+    order) prepended to its arguments, unless the callback is immutable (``prepend``)."""
+    if not prepend:
+        return template
+    serializer = serialization.SERIALIZER_FOR.get(template.content_type or "", "json")
+    accept = (serializer,)
+    value = serialization.decode(template.content_type, template.body, accept)
+    values = [serialization.decode(template.content_type, part, accept) for part in parts]
+    body = serialization.check_encodable(
+        serializer, [[values, *value[0]], value[1], *value[2:]], "a chord callback's arguments")
+    return replace(template, body=body)
 
 
 def parse_time(value: Any) -> datetime | None:

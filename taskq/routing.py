@@ -17,6 +17,10 @@ from typing import Any
 
 from .errors import ConfigurationError
 
+#: Where topic sends go on RabbitMQ. A signature that is sent by routing key names it in its
+#: options (``exchange``), as Celery's do, so that a Celery worker sending it routes it alike.
+TOPIC_EXCHANGE = "taskq.topic"
+
 #: Keys a route given as a mapping may have.
 ROUTE_KEYS = frozenset({"queue", "routing_key"})
 #: The longest routing key or binding pattern (AMQP's short string).
@@ -125,3 +129,19 @@ def topic_matches(pattern: str, key: str) -> bool:
             reach = [False] + [reach[j - 1] and (word == "*" or word == keys[j - 1])
                                for j in range(1, len(keys) + 1)]
     return reach[-1]
+
+
+def signature_destination(options: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(queue, routing key) a signature's options ask for, read as Celery's: a routing key
+    through taskq's topic exchange (or through none named, and no queue) is a topic send;
+    through any other exchange (Celery's default ``""``, or a queue's own direct exchange)
+    it names the queue it goes to."""
+    queue = options.get("queue")
+    queue = queue if isinstance(queue, str) and queue else None
+    key = options.get("routing_key")
+    if not isinstance(key, str) or not key:
+        return queue, None
+    exchange = options.get("exchange")
+    if queue is None and (exchange is None or exchange == TOPIC_EXCHANGE):
+        return None, key
+    return queue or key, None

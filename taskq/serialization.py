@@ -118,8 +118,12 @@ _EMBED_JSON = b',{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
-def task_body(serializer: str, args: Any, kwargs: Any, what: str) -> bytes:
-    """``[args, kwargs, embed]`` (protocol v2's body); the constant embed pre-encoded."""
+def task_body(serializer: str, args: Any, kwargs: Any, what: str, embed: Any = None) -> bytes:
+    """``[args, kwargs, embed]`` (protocol v2's body); the usual empty embed pre-encoded.
+
+    ``embed``: a workflow's (``{"chain": [...], "chord": {...}, ...}``), or None for none."""
+    if embed is not None:
+        return check_encodable(serializer, [args, kwargs, {**_EMBED, **embed}], what)
     if serializer != "json":
         return check_encodable(serializer, [args, kwargs, _EMBED], what)
     try:

@@ -19,6 +19,7 @@ from .rates import check_scope, interval_of
 
 if TYPE_CHECKING:
     from .app import App
+    from .canvas import Signature
     from .result import AsyncResult, BroadcastResult, EagerResult
 
 P = ParamSpec("P")
@@ -140,7 +141,7 @@ class Task(Generic[P, R]):
                 )
             signature = signature.replace(parameters=params[1:])
         #: The signature callers must match (without ``self`` for bound tasks).
-        self.signature = signature
+        self.parameters = signature
         #: How error messages show it: ``add(x, y)``, without annotations.
         self.call_signature = f"{options.name}{_bare(signature)}"
         #: (required, total) positional counts when positional calls need no bind() to check.
@@ -210,6 +211,26 @@ class Task(Generic[P, R]):
         return request
 
     # -- sending -------------------------------------------------------------------------------
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature of this call, to send later or as part of a workflow: partial (a chain
+        or chord prepends the previous result to ``args``)."""
+        from .canvas import Signature
+
+        return Signature(self, args, kwargs, app=self.app)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: a chain or chord passes it no previous result."""
+        from .canvas import Signature
+
+        return Signature(self, args, kwargs, immutable=True, app=self.app)
+
+    def signature(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
+                  **options: Any) -> Signature:
+        """A signature with options (Celery's ``task.signature(args, kwargs, **options)``)."""
+        from .canvas import Signature, _check_options
+
+        return Signature(self, args, kwargs, _check_options(options), app=self.app)
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Send the task with these arguments; return once the broker has stored it."""
@@ -336,7 +357,7 @@ class Task(Generic[P, R]):
             raise TypeError(f"args for {self.name} must be a list or tuple, not {type(args)}")
         if not self.arguments_fit(args, kwargs):
             try:
-                self.signature.bind(*args, **kwargs)
+                self.parameters.bind(*args, **kwargs)
             except TypeError as exc:
                 raise TypeError(f"{self.call_signature}: {exc}") from None
 
@@ -346,7 +367,7 @@ class Task(Generic[P, R]):
         if arity is not None and not kwargs and arity[0] <= len(args) <= arity[1]:
             return True  # the common case, without inspect's bind() (several µs a call)
         try:
-            self.signature.bind(*args, **kwargs)
+            self.parameters.bind(*args, **kwargs)
         except TypeError:
             return False
         return True

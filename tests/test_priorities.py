@@ -12,6 +12,7 @@ import pytest
 
 import taskq
 from taskq import App
+from taskq.broker.sqlite.store import SCHEMA_VERSION
 
 from .apps import basic
 from .apps.priorities import MAX_PRIORITY
@@ -87,7 +88,7 @@ def test_a_message_priority_outside_0_to_255_is_a_clear_error(value: object) -> 
 def test_a_file_of_the_previous_schema_is_brought_up_to_date_with_its_messages(
         tmp_path: Path, queue: str, broker_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Given a file made by taskq with schema 1 (no priorities) holding a queued task, when
-    this taskq opens it, then the file is migrated in place and the task runs."""
+    this taskq opens it, then the file is migrated in place (1 → 2 → 3) and the task runs."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.executescript(SCHEMA_1)
@@ -97,9 +98,12 @@ def test_a_file_of_the_previous_schema_is_brought_up_to_date_with_its_messages(
     old = SqliteBroker(path)
     monkeypatch.setenv("TASKQ_BROKER_URL", old.url)
     app = App(old.url, default_queue=queue)
-    result = basic.build(app).add.delay(2, 3)  # written as schema 2 now, read by the worker
+    result = basic.build(app).add.delay(2, 3)  # written as schema 3 now, read by the worker
     with sqlite3.connect(path) as check:
-        assert check.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert check.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
+            str(SCHEMA_VERSION),)
+        tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+        assert {"chord_parts", "sent", "beat", "members"} <= tables
     worker = WorkerProcess(old, "tests.apps.basic:app", [queue], tmp_path / "worker.log")
     try:
         assert result.get(timeout=30) == 5

@@ -12,6 +12,7 @@ heartbeats, channel errors or dead-letter naming rules outside a broker's packag
   :meth:`~SlotLink.settle`, :meth:`~SlotLink.dead_letter`, :meth:`~SlotLink.forward` or
   :meth:`~SlotLink.requeue_lost`.
 * :class:`Admin`: dead letters, for ``taskq dlq``.
+* :class:`BeatLink`: a scheduler's (``taskq beat``): who is active, what was fired.
 * :class:`WorkerSupport`: what a worker's supervisor does for its slots (what a dead slot
   leaves behind).
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import Config
-from ..message import Delivery, Envelope
+from ..message import Delivery, Envelope, with_parts
 
 DeliveryCallback = Callable[[Delivery], None]
 
@@ -58,6 +59,45 @@ class Reply:
 
     body: bytes
     content_type: str
+    #: For a caller other than the message's own (its reply queue and the task id it waits
+    #: on): e.g. a chain's caller, told of a failure in an earlier step. None: the message's.
+    to: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Join:
+    """One part of a chord: a header task's result, for the chord's join in the broker.
+
+    When the broker holds all ``size`` parts of ``chord`` (whichever settle brings the last
+    one), it stores the callback's message: :meth:`complete`, from the parts in order.
+    """
+
+    chord: str
+    index: int
+    size: int
+    #: The header task's result, encoded as the callback's arguments are.
+    part: bytes
+    #: The callback's message, before the parts' values are prepended to its arguments.
+    callback: Envelope
+    prepend: bool = True
+
+    def complete(self, parts: list[bytes]) -> Envelope:
+        """The callback's message, given every part (in order of index)."""
+        return with_parts(self.callback, parts, self.prepend)
+
+
+@dataclass(frozen=True)
+class After:
+    """What a settle stores besides the result, before the message goes: the next messages
+    of a workflow (marked ``once``), results for other callers, a chord part."""
+
+    messages: tuple[Envelope, ...] = ()
+    replies: tuple[Reply, ...] = ()
+    join: Join | None = None
+
+
+NOTHING_AFTER = After()
 
 
 class ClientLink(abc.ABC):
@@ -172,8 +212,17 @@ class SlotLink(abc.ABC):
         """Keep the link alive while a task runs in the slot's thread (from another thread)."""
 
     @abc.abstractmethod
-    def settle(self, delivery: Delivery, reply: Reply | None) -> None:
-        """The task ran: send its result (if any), then let the message go."""
+    def settle(self, delivery: Delivery, reply: Reply | None, after: After = NOTHING_AFTER) -> None:
+        """The task ran: send its result (if any) and store what ``after`` holds, then let
+        the message go. If this process dies midway the message runs again and ``after`` is
+        stored again: each of its messages, and a chord's callback, still runs once (see
+        :meth:`is_copy`)."""
+
+    def is_copy(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` is a second copy of a ``once`` message (stored again by a
+        rerun of what sent it) whose first copy ran or runs: let it go without running it.
+        A broker that never stores a ``once`` message twice says False."""
+        return False
 
     @abc.abstractmethod
     def reply(self, delivery: Delivery, reply: Reply) -> None:
@@ -272,6 +321,50 @@ class Admin(abc.ABC):
         """Delete every dead letter of ``queue``; how many."""
 
 
+class BeatLink(abc.ABC):
+    """A scheduler's link (``taskq beat``): which of the beats of a schedule is active, and
+    which due times it fired. A context manager, used by one thread.
+
+    ``schedule`` names an app's schedule (its ``beat_name``); ``entry`` one of its entries.
+    The state of a schedule is, per entry, the latest due time handled (fired or skipped),
+    kept in the broker.
+    """
+
+    #: How often :meth:`tick` must run while the link is open (seconds).
+    tick_interval: float = 1.0
+
+    def __enter__(self) -> BeatLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def lead(self, schedule: str) -> bool:
+        """Try to become the active scheduler of ``schedule`` (never blocks): True if this
+        link is (or already was) it. Held until the link closes or its process dies, however
+        it dies; a standby calls this again every fraction of a second."""
+
+    @abc.abstractmethod
+    def last_fired(self, schedule: str, entries: Sequence[str]) -> dict[str, float]:
+        """The latest due time handled of each of ``entries`` that has one."""
+
+    @abc.abstractmethod
+    def fire(self, schedule: str, entry: str, due: float, envelope: Envelope | None) -> None:
+        """Store the task message ``envelope`` (None: none, only the record) and record
+        ``due`` as handled for ``entry``: both at once where the broker can. Where it can't
+        and this process dies in between, the next active beat fires the same due time
+        again, under the same task id; ``envelope`` is ``once``, so its task still runs once."""
+
+    @abc.abstractmethod
+    def tick(self) -> None:
+        """Keep the link alive; raise if it was lost (an active beat then no longer is)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close (an active beat's schedule is free for a standby at once)."""
+
+
 class WorkerSupport:
     """What a worker's supervisor does with its broker for its slots.
 
@@ -353,6 +446,11 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def admin(self, *, timeout: float) -> Admin: ...
+
+    @abc.abstractmethod
+    def beat_link(self, *, timeout: float) -> BeatLink:
+        """A link for a scheduler (``taskq beat``); ``timeout`` bounds opening it and each
+        call on it."""
 
     def worker_support(self, name: str, concurrency: int) -> WorkerSupport:
         return WorkerSupport()

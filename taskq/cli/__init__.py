@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .beat import beat
 from .dlq import dlq
 from .worker import worker
 
@@ -24,3 +25,4 @@ def main() -> None:
 
 main.add_command(worker)
 main.add_command(dlq)
+main.add_command(beat)

@@ -32,6 +32,10 @@ BIND_HELP = (
 )
 MAX_TASKS_HELP = "Replace a slot process after it ran this many tasks (between tasks)."
 MAX_MEMORY_HELP = "Replace a slot process, between tasks, once its RSS is over this many MiB."
+BEAT_HELP = (
+    "Also fire the app's periodic tasks (app.schedule), as `taskq beat` does: active, or "
+    "standing by while another beat is."
+)
 
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -80,6 +84,7 @@ LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 @click.option(
     "--max-memory-per-child", type=click.FloatRange(min=0, min_open=True), help=MAX_MEMORY_HELP
 )
+@click.option("--beat", is_flag=True, help=BEAT_HELP)
 def worker(
     app_spec: str,
     queues: str | None,
@@ -93,6 +98,7 @@ def worker(
     burst: bool,
     max_tasks_per_child: int | None,
     max_memory_per_child: float | None,
+    beat: bool,
 ) -> None:
     """Run tasks from the queues of an app.
 
@@ -120,6 +126,7 @@ def worker(
             burst=burst,
             max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child,
+            beat=beat,
         ).run()
     except TaskqError as exc:
         raise click.ClickException(str(exc)) from None

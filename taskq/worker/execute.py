@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from .. import states
 from ..app import App
+from ..broker.base import After
 from ..errors import (
     ContentDisallowed,
     DecodeError,
@@ -31,12 +32,13 @@ from ..message import (
     BROADCAST_HEADER,
     Delivery,
     exception_to_wire,
-    parse_body,
+    parse_full_body,
     parse_time,
     result_body,
 )
 from ..serialization import CONTENT_TYPES, SERIALIZER_FOR
 from ..task import Request, Task, current_request
+from . import flow
 
 log = logging.getLogger("taskq.task")
 
@@ -75,6 +77,8 @@ class Outcome(NamedTuple):
     exc_type: str = ""
     detail: str = ""
     countdown: float = 0.0
+    #: A workflow's next move, stored by the settle (see :mod:`taskq.worker.flow`).
+    after: After | None = None
 
 
 def _serializer(content_type: str | None) -> tuple[str, str]:
@@ -117,7 +121,7 @@ def execute(app: App, job: Job, *, use_signals: bool = True) -> Outcome:
     admitted = _admit(app, job)
     if isinstance(admitted, Outcome):
         return admitted
-    task, args, kwargs = admitted
+    task, args, kwargs, embed = admitted
     run = _begin(app, task, job, args, kwargs)
     token = current_request.set(run.request if run else lambda: _request(job, args, kwargs))
     soft = job.soft_time_limit if use_signals else None
@@ -134,14 +138,17 @@ def execute(app: App, job: Job, *, use_signals: bool = True) -> Outcome:
                 return _retried(app, run, job, retry, time.perf_counter() - started)
             except BaseException as final:
                 exc = final
-        return _failed(app, run, job, exc, time.perf_counter() - started)
+        return _failed(app, run, job, exc, time.perf_counter() - started, embed)
     finally:
         current_request.reset(token)
     runtime = time.perf_counter() - started
     try:
         outcome = _success(job, value, runtime)
-    except EncodeError as exc:
-        return _failed(app, run, job, exc, runtime)
+        if embed and flow.is_flow(embed):
+            outcome = outcome._replace(
+                after=flow.after_success(app, embed, job.headers, job.task_id, value))
+    except Exception as exc:  # the result, or the workflow's next message, can't be made
+        return _failed(app, run, job, exc, runtime, embed)
     if run is not None:
         run.outcome, run.runtime, run.result = SUCCEEDED, runtime, value
         _handler(run, "on_success", value, job.task_id, run.request.args, run.request.kwargs)
@@ -192,10 +199,15 @@ def _retried(app: App, run: TaskRun | None, job: Job, retry: Retry, runtime: flo
 
 
 def _failed(
-    app: App, run: TaskRun | None, job: Job, exc: BaseException, runtime: float
+    app: App, run: TaskRun | None, job: Job, exc: BaseException, runtime: float,
+    embed: dict[str, Any] | None = None,
 ) -> Outcome:
     trace = _trace(exc)
     outcome = _failure(job, exc, runtime, trace)
+    if embed and flow.is_flow(embed):
+        outcome = outcome._replace(
+            after=flow.after_failure(app, embed, job.headers, job.task, job.task_id, exc,
+                                     trace))
     if run is not None:
         run.outcome, run.runtime, run.exception, run.traceback = FAILED, runtime, exc, trace
         _handler(run, "on_failure", exc, job.task_id, run.request.args, run.request.kwargs,
@@ -205,7 +217,9 @@ def _failed(
     return outcome
 
 
-def _admit(app: App, job: Job) -> tuple[Task[Any, Any], list[Any], dict[str, Any]] | Outcome:
+def _admit(
+    app: App, job: Job
+) -> tuple[Task[Any, Any], list[Any], dict[str, Any], dict[str, Any]] | Outcome:
     """The task and its decoded arguments, or the rejection saying why it can't run."""
     task = app.tasks.get(job.task)
     if task is None:
@@ -220,7 +234,7 @@ def _admit(app: App, job: Job) -> tuple[Task[Any, Any], list[Any], dict[str, Any
         "",
     )
     try:
-        args, kwargs = parse_body(delivery, job.accept)
+        args, kwargs, embed = parse_full_body(delivery, job.accept)
     except ContentDisallowed as exc:
         return reject(job, exc)
     except DecodeError as exc:
@@ -229,7 +243,7 @@ def _admit(app: App, job: Job) -> tuple[Task[Any, Any], list[Any], dict[str, Any
         task.check_arguments(args, kwargs)
     except TypeError as exc:
         return reject(job, TypeError(f"arguments do not fit {exc}"))
-    return task, args, kwargs
+    return task, args, kwargs, embed
 
 
 def _request(job: Job, args: list[Any], kwargs: dict[str, Any]) -> Request:

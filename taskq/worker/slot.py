@@ -27,13 +27,14 @@ from collections import OrderedDict, deque
 from typing import Any, Protocol
 
 from ..app import App
-from ..broker.base import Reply, SlotLink
+from ..broker.base import NOTHING_AFTER, After, Reply, SlotLink
 from ..broker.records import RunRecord
 from ..copies import delayed, retry
-from ..errors import DeclarationConflict, TimeLimitExceeded, WorkerLostError
+from ..errors import DeclarationConflict, TimeLimitExceeded, Unroutable, WorkerLostError
 from ..message import Delivery
 from ..rates import Pacer
 from ..task import Task
+from . import flow
 from .execute import Job, Outcome, answerer, execute, failure_outcome
 from .executor import ProcessExecutor, forkserver_context
 from .triage import Later, Refuse, SlotOptions, reply_to, triage
@@ -94,7 +95,8 @@ class Slot:
         self.stashed: list[tuple[Delivery, Reply]] = []
         #: (task id, retries) of runs that finished after their link died: the broker gives
         #: the message back (to us, usually), and running it again would only repeat it.
-        self.finished_unsettled: OrderedDict[tuple[str, Any], None] = OrderedDict()
+        #: What each must still store when it is settled (a workflow's next message).
+        self.finished_unsettled: OrderedDict[tuple[str, Any], After | None] = OrderedDict()
         self.stopping = False
         #: The slot retired between tasks to be replaced (``--max-tasks-per-child``, ...).
         self.recycle = False
@@ -330,10 +332,19 @@ class Slot:
     def _start(self, delivery: Delivery) -> None:
         assert self.link is not None
         if _run_key(delivery) in self.finished_unsettled:
-            del self.finished_unsettled[_run_key(delivery)]
+            after = self.finished_unsettled.pop(_run_key(delivery))
             log.warning(
                 "task %s[%s] came back after it finished here on a connection that was lost "
                 "before its ack: settled without running it again",
+                delivery.task_name,
+                delivery.task_id,
+            )
+            self.link.settle(delivery, None, after or NOTHING_AFTER)
+            return
+        if self.link.is_copy(delivery):
+            log.warning(
+                "task %s[%s] is a second copy of a workflow's message (stored again by a rerun "
+                "of the task that sent it) whose first copy ran: let go without running it",
                 delivery.task_name,
                 delivery.task_id,
             )
@@ -452,7 +463,11 @@ class Slot:
             if self.link is None or link is not self.link:
                 self._stale(delivery, outcome)
             elif outcome.kind == "done":
-                self.link.settle(delivery, self._reply(delivery, outcome))
+                try:
+                    self.link.settle(delivery, self._reply(delivery, outcome),
+                                     outcome.after or NOTHING_AFTER)
+                except Unroutable as exc:  # a workflow's next message has nowhere to go
+                    self._reject(delivery, exc)
             elif outcome.kind == "reject":
                 self._dead_letter(delivery, outcome.exc_type, outcome.detail, outcome)
             else:
@@ -482,7 +497,7 @@ class Slot:
             delivery.task_id,
         )
         if outcome.kind == "done" and delivery.task_id:
-            self.finished_unsettled[_run_key(delivery)] = None
+            self.finished_unsettled[_run_key(delivery)] = outcome.after
             while len(self.finished_unsettled) > REMEMBERED:
                 self.finished_unsettled.popitem(last=False)
         reply = self._reply(delivery, outcome)
@@ -504,12 +519,25 @@ class Slot:
     def _reject(self, delivery: Delivery, exc: BaseException) -> None:
         outcome = failure_outcome(delivery.task_id or "", exc, kind="reject",
                                   worker=answerer(delivery.headers, self.options.hostname))
-        self._dead_letter(delivery, type(exc).__name__, str(exc), outcome)
+        self._dead_letter(delivery, type(exc).__name__, str(exc),
+                          outcome._replace(after=self._flow_failure(delivery, exc)))
+
+    def _flow_failure(self, delivery: Delivery, exc: BaseException) -> After | None:
+        """A workflow's message that fails outside its task (rejected, stopped at its time
+        limit): tell the callers waiting on the rest of the workflow."""
+        embed = flow.embed_of(delivery, self.config.accept)
+        if not flow.is_flow(embed):
+            return None
+        return flow.after_failure(self.app, embed, delivery.headers, delivery.task_name or "?",
+                                  delivery.task_id or "?", exc, None)
 
     def _dead_letter(
         self, delivery: Delivery, exc_type: str, reason: str, outcome: Outcome
     ) -> None:
         assert self.link is not None
+        if outcome.after is not None:
+            for notice in outcome.after.replies:
+                self.link.reply(delivery, notice)
         where = self.link.dead_letter(
             delivery, exc_type, reason, self.options.hostname, self._reply(delivery, outcome)
         )
@@ -578,8 +606,9 @@ class Slot:
             f"task {delivery.task_name}[{delivery.task_id}] ran past time_limit={limit:g}s "
             "and was stopped"
         )
-        self._finish(failure_outcome(delivery.task_id or "", exc, kind="done",
-                                     worker=answerer(delivery.headers, self.options.hostname)))
+        outcome = failure_outcome(delivery.task_id or "", exc, kind="done",
+                                  worker=answerer(delivery.headers, self.options.hostname))
+        self._finish(outcome._replace(after=self._flow_failure(delivery, exc)))
 
     def _replace_executor(self) -> None:
         """Close the executor; a new one starts when a time-limited task next needs it."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import __version__
 from ..app import App
+from ..beat import BeatThread
 from ..broker.base import WorkerSupport
 from ..broker.records import RunRecord
 from ..errors import ConfigurationError, DeclarationConflict, TaskqError
@@ -57,6 +58,7 @@ class Worker:
         burst: bool = False,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
+        beat: bool = False,
     ) -> None:
         if pool not in POOLS:
             raise ConfigurationError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
@@ -99,6 +101,8 @@ class Worker:
         self.outages = OutageLog(self.broker.display_url)
         self._signals = 0
         self._stop_deadline: float | None = None
+        #: ``--beat``: the app's schedule, fired from a thread of this process.
+        self.beat = BeatThread(app) if beat else None
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -114,10 +118,14 @@ class Worker:
             self.support.recover()
             self._banner()
             self.app.hooks.call("on_worker_start", self.app.hooks.worker_start)
+            if self.beat is not None:
+                self.beat.start()
             if self.options.pool == "threads":
                 return self._run_threads()
             return self._run_processes()
         finally:
+            if self.beat is not None:
+                self.beat.stop()
             self.support.close()
             self._leave_broadcasts()
 
@@ -213,6 +221,8 @@ class Worker:
                 self.shutdown_timeout,
             )
             self._stop_deadline = time.monotonic() + self.shutdown_timeout
+            if self.beat is not None:
+                self.beat.stop(timeout=0)  # fires nothing more; a standby takes over
             stop_all()
         if self._signals >= 2:
             log.warning(

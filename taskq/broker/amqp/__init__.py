@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ...config import Config
-from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
+from ..base import Admin, BeatLink, Broker, DeliveryCallback, WorkerSupport
 from . import compat, letters, topology
 from .admin import QueueAdmin
 from .client import ClientConnection
@@ -110,6 +110,11 @@ class AmqpBroker(Broker):
 
     def admin(self, *, timeout: float) -> Admin:
         return QueueAdmin(self.connector, self.declared, timeout=timeout)
+
+    def beat_link(self, *, timeout: float) -> BeatLink:
+        from .beat import AmqpBeatLink
+
+        return AmqpBeatLink(self, timeout)
 
     def dead_letter_name(self, queue: str) -> str:
         return topology.dead_letter_queue_name(queue)

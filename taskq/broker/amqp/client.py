@@ -19,7 +19,7 @@ from amqp import exceptions as amqp_errors
 from ...errors import DeclarationConflict, MessageNacked, Unroutable
 from ...message import Delivery, Envelope
 from ..base import ClientLink
-from . import delays, topology
+from . import delays, flows, topology
 from .channel import ConfirmChannel
 from .connection import Connector, abandon_after_fork, bound, close_quietly, drop
 from .consumer import plain_channel
@@ -118,6 +118,7 @@ class ClientConnection(ClientLink):
         self._check(seq, envelope)
 
     def _send(self, envelope: Envelope) -> int:
+        envelope = flows.marked(envelope)  # a workflow's: one copy runs (see flows)
         exchange, routing_key = delays.route(self.channel.channel, envelope, self.declared)
         return self.channel.send_envelope(envelope, exchange, routing_key)
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...message import Delivery, Envelope
-from ..base import DeliveryCallback, Reply, SlotLink
-from . import delays, letters, lost, topology
+from ..base import NOTHING_AFTER, After, DeliveryCallback, Reply, SlotLink
+from . import delays, flows, letters, lost, topology
 from .connection import Connector, bound, close_quietly, drop
 from .frames import Input, ack_frame, delivery, read_waiting
 from .journal import Spool
@@ -312,15 +312,25 @@ class SlotConnection(SlotLink):
 
     # -- settling ----------------------------------------------------------------------------
 
-    def settle(self, delivery: Delivery, reply: Reply | None) -> None:
-        """Send the result (if any), then ack its task.
+    def settle(self, delivery: Delivery, reply: Reply | None, after: After = NOTHING_AFTER) -> None:
+        """Send the result (if any), store what ``after`` holds, then ack its task.
 
         The result is written before the ack (on the publishing connection, unconfirmed); not
-        ``mandatory``: a result whose caller is gone has nobody to go to.
+        ``mandatory``: a result whose caller is gone has nobody to go to. What ``after``
+        holds is confirmed before the ack (see :mod:`.flows` for a second copy's fate).
         """
         if reply is not None:
             self.reply(delivery, reply)
+        if after is not NOTHING_AFTER:
+            assert self.publisher is not None
+            self.publisher.after(delivery, after)
         self._ack(delivery)
+
+    def is_copy(self, delivery: Delivery) -> bool:
+        if flows.ONCE_HEADER not in delivery.headers:
+            return False
+        assert self.publisher is not None
+        return self.publisher.is_copy(delivery)
 
     def reply(self, delivery: Delivery, reply: Reply) -> None:
         assert self.publisher is not None

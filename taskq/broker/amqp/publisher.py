@@ -27,9 +27,10 @@ from typing import Any
 from amqp import exceptions as amqp_errors
 
 from ...config import Config
+from ...errors import Unroutable
 from ...message import Delivery, Envelope
-from ..base import Reply
-from . import lost, topology
+from ..base import After, Reply
+from . import flows, lost, topology
 from .channel import ConfirmChannel, publish_args, raw_writer
 from .connection import Connector, bound, close_quietly, drop
 from .frames import Input, publish_frames, read_waiting
@@ -134,10 +135,11 @@ class SlotPublisher:
 
     def result(self, delivery: Delivery, reply: Reply) -> None:
         """Send a caller its result (unconfirmed; nobody is there if its queue is gone)."""
-        destination = delivery.reply_to
+        destination = reply.to or delivery.reply_to
         if not destination:
             return
-        correlation_id = delivery.correlation_id or delivery.task_id or ""
+        correlation_id = reply.correlation_id or delivery.correlation_id or delivery.task_id \
+            or ""
         if self._spooling():
             assert self.spool is not None
             self.spool.append(Owed("result", Envelope(destination, reply.body,
@@ -159,6 +161,7 @@ class SlotPublisher:
 
     def store(self, envelope: Envelope) -> None:
         """Publish and wait for the broker's confirm (or keep it in the spool while blocked)."""
+        envelope = flows.marked(envelope)
         if self._spooling():
             assert self.spool is not None
             self.spool.append(Owed("store", envelope))
@@ -168,7 +171,11 @@ class SlotPublisher:
     def _store_now(self, envelope: Envelope) -> None:
         deadline = time.monotonic() + self.config.publish_timeout
         with bound(self.connection).until(deadline):
-            if envelope.queue not in self._known and envelope.queue not in self.declared:
+            if envelope.routing_key is not None:
+                if topology.TOPIC_MARKER not in self.declared:
+                    topology.declare_topic_exchange(self.confirms.channel)
+                    self.declared.add(topology.TOPIC_MARKER)
+            elif envelope.queue not in self._known and envelope.queue not in self.declared:
                 topology.declare_work_queue(self.connection, envelope.queue,
                                             self.config.max_priority_for(envelope.queue))
                 self.declared.add(envelope.queue)
@@ -185,6 +192,8 @@ class SlotPublisher:
             self.spool.append(Owed("store", envelope))
             return
         reason = self.confirms.refusal(seq, envelope.correlation_id)
+        if reason.startswith("no queue is bound") and envelope.routing_key is not None:
+            raise Unroutable(f"task {envelope.task_id} was not stored: {reason}")
         if reason:
             raise amqp_errors.RecoverableChannelError(
                 f"the broker did not take the message for {envelope.queue}: {reason}"
@@ -208,6 +217,34 @@ class SlotPublisher:
         if refused and "no queue is bound" in refused:
             self._rate_queues.pop(queue, None)  # it expired after all: declare it next time
         return not refused
+
+    # -- workflows (see :mod:`flows`) ---------------------------------------------------------
+
+    def after(self, delivery: Delivery, after: After) -> None:
+        """Store a workflow's next messages, tell other callers, add a chord's part (and,
+        if that completes the chord, store its callback)."""
+        for envelope in after.messages:
+            self.store(envelope)
+        for notice in after.replies:
+            self.result(delivery, notice)
+        part = after.join
+        if part is None:
+            return
+        deadline = time.monotonic() + self.config.publish_timeout
+        with bound(self.connection).until(deadline):
+            parts = flows.join(self.connection, self.confirms, part,
+                               self.config.workflow_expires, deadline)
+        if parts is None:
+            return
+        self.store(part.complete(parts))
+        with bound(self.connection).until(time.monotonic() + self.config.publish_timeout):
+            flows.forget(self.confirms, part.chord)
+
+    def is_copy(self, delivery: Delivery) -> bool:
+        deadline = time.monotonic() + self.config.publish_timeout
+        with bound(self.connection).until(deadline):
+            return flows.is_copy(self.confirms, delivery, self.config.workflow_expires,
+                                 deadline)
 
     def record_lost(self, name: str) -> None:
         """Count one lost run of the message whose count is ``name`` (see :mod:`lost`)."""

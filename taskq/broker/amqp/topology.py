@@ -19,10 +19,11 @@ from typing import Any
 
 from amqp import exceptions as amqp_errors
 
+from ... import routing
 from ...errors import DeclarationConflict
 
 #: The topic exchange of ``apply_async(routing_key=...)``; ``--bind`` binds queues to it.
-TOPIC_EXCHANGE = "taskq.topic"
+TOPIC_EXCHANGE = routing.TOPIC_EXCHANGE
 TOPIC_MARKER = f"{TOPIC_EXCHANGE}:declared"
 
 

@@ -7,7 +7,8 @@ small deployment. Several machines need RabbitMQ (``amqp://...``), the same code
 * :mod:`.store`: the file, its checks and schema, bounded transactions;
 * :mod:`.liveness`: who holds which message, and whether they are alive (kernel locks);
 * :mod:`.wake`: waking waiters with a datagram instead of polling;
-* :mod:`.client`, :mod:`.slot`, :mod:`.admin`: the links of :mod:`taskq.broker.base`.
+* :mod:`.client`, :mod:`.slot`, :mod:`.admin`, :mod:`.beat`: the links of
+  :mod:`taskq.broker.base`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from ...config import Config
 from ...errors import DeclarationConflict
 from ...routing import topic_matches
-from ..base import Admin, Broker, DeliveryCallback, WorkerSupport
+from ..base import Admin, BeatLink, Broker, DeliveryCallback, WorkerSupport
 from . import liveness
 from .names import member_queue
 from .store import Store, parse_url
@@ -199,6 +200,11 @@ class SqliteBroker(Broker):
         from .admin import SqliteAdmin
 
         return SqliteAdmin(self)
+
+    def beat_link(self, *, timeout: float) -> BeatLink:
+        from .beat import SqliteBeatLink
+
+        return SqliteBeatLink(self, timeout)
 
     def worker_support(self, name: str, concurrency: int) -> WorkerSupport:
         from .support import SqliteWorkerSupport

@@ -15,11 +15,13 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from ...errors import Unroutable
 from ...message import Delivery, Envelope
-from ..base import DeliveryCallback, Reply, SlotLink
+from ..base import NOTHING_AFTER, After, DeliveryCallback, Reply, SlotLink
 from .client import insert_message
 from .names import home_queue, is_member
 from .store import decode_props, encode_props
@@ -52,6 +54,18 @@ CLAIM_RANKED = (
     "SELECT id FROM messages WHERE queue = ?2 AND holder IS NULL AND due <= ?3 "
     "ORDER BY due, id LIMIT 1)) RETURNING id, body, props, deliveries, lost, priority"
 )
+
+
+def _first_send(conn: sqlite3.Connection, envelope: Envelope, now: float) -> bool:
+    """Whether a workflow (``once``) message is sent for the first time under its task id
+    (a step whose message came twice sends its next step once); others always are."""
+    return not envelope.once or conn.execute(
+        "INSERT OR IGNORE INTO sent (task_id, at) VALUES (?, ?)", (envelope.task_id, now)
+    ).rowcount == 1
+
+
+#: The delivery a reply addressed elsewhere is filed for (its ``to`` says where).
+_NOBODY = Delivery(b"", None, {}, None, None, False, "")
 
 
 class _Readiness:
@@ -250,21 +264,23 @@ class SqliteSlot(SlotLink):
         """File the result in its caller's reply queue (if that still exists); whether the
         caller needs waking for it: not if an older result waits there unread, for the
         caller was woken for that one and its read (a later transaction) takes both."""
-        if not delivery.reply_to:
+        queue = reply.to or delivery.reply_to
+        if not queue:
             return False
         props = encode_props({
             "content_type": reply.content_type,
-            "correlation_id": delivery.correlation_id or delivery.task_id or "",
+            "correlation_id": reply.correlation_id or delivery.correlation_id
+            or delivery.task_id or "",
         })
         cursor = conn.execute(
             "INSERT INTO replies (queue, body, props) SELECT ?, ?, ? "
             "WHERE EXISTS (SELECT 1 FROM reply_queues WHERE name = ?)",
-            (delivery.reply_to, reply.body, props, delivery.reply_to),
+            (queue, reply.body, props, queue),
         )
         if cursor.rowcount != 1:
             return False  # the caller is gone
         return conn.execute("SELECT 1 FROM replies WHERE queue = ? AND id < ? LIMIT 1",
-                            (delivery.reply_to, cursor.lastrowid)).fetchone() is None
+                            (queue, cursor.lastrowid)).fetchone() is None
 
     def _release(self, conn: sqlite3.Connection, delivery: Delivery) -> tuple[str, Any] | None:
         """Let the held message go; claim the next one in the same commit (as a broker pushes
@@ -286,15 +302,67 @@ class SqliteSlot(SlotLink):
     def _file_reply(self, conn: sqlite3.Connection, delivery: Delivery, reply: Reply | None,
                     woken: list[str]) -> None:
         if reply is not None and self._reply_row(conn, delivery, reply):
-            assert delivery.reply_to is not None
-            woken.append(delivery.reply_to)
+            woken.append(reply.to or delivery.reply_to or "")
 
-    def settle(self, delivery: Delivery, reply: Reply | None) -> None:
+    def settle(self, delivery: Delivery, reply: Reply | None, after: After = NOTHING_AFTER) -> None:
         woken: list[str] = []
+        messages: list[Envelope] = []
+        if after is not NOTHING_AFTER:
+            messages = self._routed(after)
         with self.store.write() as conn:
             self._file_reply(conn, delivery, reply, woken)
+            if after is not NOTHING_AFTER:
+                self._store_after(conn, after, messages, woken)
             taken = self._release(conn, delivery)
         self._done(taken, woken)
+
+    def _routed(self, after: After) -> list[Envelope]:
+        """The messages to store, one per queue (a topic send: one per bound queue; raise
+        Unroutable if none is), their queues registered."""
+        messages = []
+        for envelope in after.messages:
+            if envelope.routing_key is None:
+                messages.append(envelope)
+                continue
+            queues = self.broker.bound_queues(envelope.routing_key)
+            if not queues:
+                raise Unroutable(
+                    f"task {envelope.task_id} was not stored: no queue is bound to a pattern "
+                    f"that routing key {envelope.routing_key!r} matches")
+            messages.extend(replace(envelope, queue=q, routing_key=None) for q in queues)
+        queues = [m.queue for m in messages]
+        if after.join is not None:
+            queues.append(after.join.callback.queue)
+        self.broker.register_queues(queues)
+        return messages
+
+    def _store_after(self, conn: sqlite3.Connection, after: After, messages: list[Envelope],
+                     woken: list[str]) -> None:
+        """In the settle's own transaction: a workflow's next messages are stored with the
+        ack, once; so is a chord's callback, by the settle that brings its last part."""
+        now = time.time()
+        for envelope in messages:
+            if _first_send(conn, envelope, now):
+                conn.execute(*insert_message(envelope, now))
+                woken.append(envelope.queue)
+        for notice in after.replies:
+            if self._reply_row(conn, _NOBODY, notice):
+                woken.append(notice.to or "")
+        join = after.join
+        if join is None:
+            return
+        conn.execute("INSERT OR IGNORE INTO chord_parts (chord, idx, body, created) "
+                     "VALUES (?, ?, ?, ?)", (join.chord, join.index, join.part, now))
+        (count,) = conn.execute("SELECT count(*) FROM chord_parts WHERE chord = ?",
+                                (join.chord,)).fetchone()
+        if count < join.size or not _first_send(conn, join.callback, now):
+            return
+        parts = [row[0] for row in conn.execute(
+            "SELECT body FROM chord_parts WHERE chord = ? ORDER BY idx", (join.chord,))]
+        callback = join.complete(parts)
+        conn.execute(*insert_message(callback, now))
+        conn.execute("DELETE FROM chord_parts WHERE chord = ?", (join.chord,))
+        woken.append(callback.queue)
 
     def reply(self, delivery: Delivery, reply: Reply) -> None:
         woken: list[str] = []

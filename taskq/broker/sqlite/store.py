@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("taskq.broker")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: A commit that finds this many pages in the write-ahead log copies them into the file
 #: itself (a checkpoint, with an fsync at ``normal``) before it returns. A running worker
 #: checkpoints in the background every :data:`CHECKPOINT_EVERY` seconds, so with a worker up
@@ -96,10 +96,16 @@ CREATE TABLE rates (key TEXT PRIMARY KEY, last REAL NOT NULL);
 CREATE TABLE bindings (queue TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (queue, pattern));
 CREATE TABLE members (queue TEXT NOT NULL, member TEXT NOT NULL, holder INTEGER NOT NULL,
                       PRIMARY KEY (queue, member));
+CREATE TABLE chord_parts (chord TEXT NOT NULL, idx INTEGER NOT NULL, body BLOB NOT NULL,
+                          created REAL NOT NULL, PRIMARY KEY (chord, idx));
+CREATE TABLE sent (task_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE beat (schedule TEXT NOT NULL, entry TEXT NOT NULL, last_due REAL NOT NULL,
+                   PRIMARY KEY (schedule, entry));
 """
 
 
-#: How a file of an older schema becomes the current one (in one transaction, on first open).
+#: How a file of an older schema becomes the next one; applied in turn up to the current
+#: schema (in one transaction, on first open).
 MIGRATIONS = {
     # 1 → 2: priority queues, rate limits, topic bindings, broadcast members.
     "1": """
@@ -111,6 +117,14 @@ CREATE TABLE rates (key TEXT PRIMARY KEY, last REAL NOT NULL);
 CREATE TABLE bindings (queue TEXT NOT NULL, pattern TEXT NOT NULL, PRIMARY KEY (queue, pattern));
 CREATE TABLE members (queue TEXT NOT NULL, member TEXT NOT NULL, holder INTEGER NOT NULL,
                       PRIMARY KEY (queue, member));
+""",
+    # 2 → 3: chord joins, workflow messages sent (each once), the beat's schedule state.
+    "2": """
+CREATE TABLE chord_parts (chord TEXT NOT NULL, idx INTEGER NOT NULL, body BLOB NOT NULL,
+                          created REAL NOT NULL, PRIMARY KEY (chord, idx));
+CREATE TABLE sent (task_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE beat (schedule TEXT NOT NULL, entry TEXT NOT NULL, last_due REAL NOT NULL,
+                   PRIMARY KEY (schedule, entry));
 """,
 }
 
@@ -284,12 +298,13 @@ class Store:
             meta: dict[str, str] = {}
             if "meta" in tables:
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            migration = MIGRATIONS.get(meta.get("schema", "")) if meta.get("format") == FORMAT \
-                else None
-            if migration is not None:  # an older taskq's file: brought up to date, in place
-                for statement in migration.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            schema = meta.get("schema", "") if meta.get("format") == FORMAT else None
+            if schema in MIGRATIONS:  # an older taskq's file: brought up to date, in place
+                while schema in MIGRATIONS:
+                    for statement in MIGRATIONS[schema].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    schema = str(int(schema) + 1)
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
                              (str(SCHEMA_VERSION),))
                 log.info("%s: schema %s brought up to schema %d", self.path,

@@ -41,6 +41,10 @@ class SqliteWorkerSupport(WorkerSupport):
         self.broker.sweep()
         with self.broker.store.write() as conn:  # rate keys of workers long gone
             conn.execute("DELETE FROM rates WHERE last < ?", (time.time() - STALE_RATES,))
+            # chords that never completed (a header failed), and joins long done
+            expired = time.time() - self.broker.config.workflow_expires
+            conn.execute("DELETE FROM chord_parts WHERE created < ?", (expired,))
+            conn.execute("DELETE FROM sent WHERE at < ?", (expired,))
         self._checkpointer = threading.Thread(
             target=self._checkpoint, name="taskq-checkpoint", daemon=True)
         self._checkpointer.start()

@@ -1,0 +1,174 @@
+"""Workflows on RabbitMQ: one run per workflow message, and chord joins in the broker.
+
+RabbitMQ can't store a message and ack another in one step, so a slot killed between
+storing a workflow's next message (a chain's next step, a chord's callback) and acking the
+one it ran leaves a copy behind: the message runs again and stores the next one again, under
+the same task id. So each such message carries a random mark (``x-taskq-once``), and before
+one runs, its slot claims its task id in the broker:
+
+* ``taskq.once.<task id>``: a queue of at most one message that refuses the next
+  (``reject-publish``). The first copy to run publishes its mark there; a copy whose mark is
+  refused reads the mark kept: its own (the same copy, delivered again after its slot died)
+  runs, another's is let go. The queue expires ``workflow_expires`` after its last use.
+
+A chord's join is a queue of the header results:
+
+* ``taskq.chord.<callback id>``: each header task's slot publishes its result there
+  (confirmed, index in a header) before its ack; a rerun adds a duplicate, which the join
+  ignores. Once the queue holds at least as many results as the chord has tasks, the slot
+  reads them all under a lock (an exclusive queue, ``taskq.chord.<id>.lock``, which the
+  broker drops with its connection if the process dies), and if every index is there,
+  returns them: the slot stores the callback (marked, as above) and then deletes the queue.
+
+No join is missed: a slot that finds the lock taken leaves, and the holder, once it has
+put the results back and dropped the lock, counts again and reads again if more came.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any
+
+from amqp import exceptions as amqp_errors
+
+from ...message import Delivery, Envelope
+from ..base import Join
+from .channel import ConfirmChannel
+
+#: The header carrying a workflow message's mark.
+ONCE_HEADER = "x-taskq-once"
+
+
+def _name(prefix: str, key: str) -> str:
+    name = f"{prefix}.{key}"
+    if len(name.encode()) > 200:  # a queue name is at most 255 bytes
+        name = f"{prefix}.{hashlib.sha256(key.encode()).hexdigest()}"
+    return name
+
+
+def once_queue_name(task_id: str) -> str:
+    return _name("taskq.once", task_id)
+
+
+def chord_queue_name(chord: str) -> str:
+    return _name("taskq.chord", chord)
+
+
+def marked(envelope: Envelope) -> Envelope:
+    """The envelope with a mark of its own, if it is a workflow's (``once``) message."""
+    if not envelope.once:
+        return envelope
+    headers = {**envelope.headers, ONCE_HEADER: os.urandom(12).hex()}
+    return dataclasses.replace(envelope, headers=headers)
+
+
+def is_copy(confirms: ConfirmChannel, delivery: Delivery, expires: float,
+            deadline: float) -> bool:
+    """Whether ``delivery`` is a second copy of a workflow message whose first copy ran (or
+    runs): claims its task id with its mark if nobody has."""
+    mark = delivery.headers.get(ONCE_HEADER)
+    task_id = delivery.task_id
+    if not mark or not task_id:
+        return False
+    mine = str(mark).encode()
+    name = once_queue_name(task_id)
+    channel = confirms.channel
+    channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False,
+                          arguments={"x-max-length": 1, "x-overflow": "reject-publish",
+                                     "x-expires": round(expires * 1000)})
+    seq = confirms.send(mine, {"delivery_mode": 2}, "", name, None)
+    confirms.wait_until(seq, deadline)
+    if not confirms.refusal(seq, None):
+        return False  # the first to claim it
+    while True:
+        kept = channel.basic_get(name, no_ack=False)
+        if kept is not None:
+            channel.basic_reject(kept.delivery_tag, requeue=True)
+            return bytes(kept.body) != mine
+        if time.monotonic() > deadline:  # another copy's slot is reading it right now
+            raise TimeoutError(f"could not read the run mark of workflow message {task_id}")
+        time.sleep(0.002)
+
+
+def join(connection: Any, confirms: ConfirmChannel, part: Join, expires: float,
+         deadline: float) -> list[bytes] | None:
+    """Add a chord's part; every part in order if the chord is complete now, else None."""
+    name = chord_queue_name(part.chord)
+    confirms.channel.queue_declare(queue=name, durable=True, exclusive=False,
+                                   auto_delete=False,
+                                   arguments={"x-expires": round(expires * 1000)})
+    properties = {"delivery_mode": 2, "application_headers": {"index": part.index}}
+    seq = confirms.send(part.part, properties, "", name, None)
+    confirms.wait_until(seq, deadline)
+    refused = confirms.refusal(seq, None)
+    if refused:
+        raise amqp_errors.RecoverableChannelError(f"chord part not stored: {refused}")
+    count = _count(connection, name)
+    while count is not None and count >= part.size:
+        read = _read_locked(connection, name, part.size)
+        if read is None:
+            return None  # another slot reads them: it counts again when done
+        parts, seen, count = read
+        if parts is not None:
+            return parts
+        if count is None or count <= seen:
+            return None  # nothing came while we read: the missing parts are yet to come
+    return None
+
+
+def forget(confirms: ConfirmChannel, chord: str) -> None:
+    """The callback is stored: the join's queue goes."""
+    confirms.channel.queue_delete(chord_queue_name(chord))
+
+
+def _count(connection: Any, name: str, channel: Any = None) -> int | None:
+    """How many results the join holds ready (None: it is gone, the callback was stored).
+    On a channel of its own, by default: the broker closes the channel that asks about a
+    queue it doesn't have."""
+    own = channel is None
+    channel = connection.channel() if own else channel
+    try:
+        return int(channel.queue_declare(queue=name, passive=True)[1])
+    except amqp_errors.NotFound:
+        return None
+    finally:
+        if own and channel.is_open:
+            channel.close()
+
+
+def _read_locked(
+    connection: Any, name: str, size: int
+) -> tuple[list[bytes] | None, int, int | None] | None:
+    """Under the join's lock: (every part in order, or None if some are missing; how many
+    results were read; how many are there after they were put back). None: locked."""
+    channel = connection.channel()
+    channel.auto_decode = False
+    lock = f"{name}.lock"
+    try:
+        channel.queue_declare(queue=lock, exclusive=True, auto_delete=True)
+    except (amqp_errors.ResourceLocked, amqp_errors.AccessRefused):
+        return None  # the broker closed that channel
+    found: dict[int, bytes] = {}
+    seen = 0
+    last_tag: int | None = None
+    try:
+        while (message := channel.basic_get(name, no_ack=False)) is not None:
+            seen += 1
+            last_tag = message.delivery_tag
+            index = (message.properties.get("application_headers") or {}).get("index")
+            if isinstance(index, int) and 0 <= index < size:
+                found.setdefault(index, bytes(message.body))
+        if last_tag is not None:  # all back, before the lock goes (recover-ok says done)
+            channel.basic_recover(requeue=True)
+        channel.queue_delete(lock)
+        count = _count(connection, name, channel)
+    except amqp_errors.NotFound:  # deleted meanwhile: the callback was stored
+        return None, seen, None
+    finally:
+        if channel.is_open:
+            channel.close()
+    parts = [found[i] for i in range(size)] if len(found) == size else None
+    return parts, seen, count

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import amqp
 import pytest
 from celery import Celery
+from celery import chain as celery_chain
 from kombu import Queue
 
 import taskq
@@ -323,3 +324,230 @@ def test_taskq_client_gets_remote_error_for_a_celery_workers_custom_exception(
     assert error.remote_traceback is not None
     assert "PeerError: bad" in error.remote_traceback
     assert "celery_peer.py" in error.remote_traceback
+
+
+# -- chains, both ways -----------------------------------------------------------------------------
+#
+# A chain's first message carries the later steps in protocol v2's ``chain`` field (last step
+# first); the worker that finished a step sends the next one, with the previous result
+# prepended, and each step's result goes to the caller's ``reply_to``.  Neither side knows
+# the other's code: Celery's chain is built from task names, taskq's from its signatures.
+
+INTEROP = "tests.apps.interop:app"
+MUL = "tests.apps.interop.mul"
+BOOM = "tests.apps.flows.boom"
+STEP = "tests.apps.flows.step"
+
+
+def _notes(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _quiet(broker: Broker, queue: str) -> None:
+    """Until ``queue`` has nothing ready and nothing held: every step sent to it has run."""
+    def quiet() -> bool:
+        info = broker.queue_info(queue)
+        return info["messages_ready"] == "0" and info["messages_unacknowledged"] == "0"
+    wait_for(quiet, 20, f"{queue} to have nothing ready or held")
+
+
+def test_celery_clients_chain_runs_on_taskq_workers_and_celery_gets_the_last_value(
+    celery_client: Celery, start_worker: Callable[..., WorkerProcess], broker: Broker, queue: str
+) -> None:
+    """Given a taskq worker whose default queue is the Celery client's, when Celery sends
+    chain(add.s(1, 2), add.s(3), mul.s(10)), then Celery's own AsyncResult gets 60, and each
+    step's result (rpc://) is the one before it, in order."""
+    worker = start_worker(app=INTEROP, env={"TASKQ_TEST_DEFAULT_QUEUE": queue})
+    sig = celery_client.signature
+
+    result = celery_chain(sig(ADD, (1, 2)), sig(ADD, (3,)), sig(MUL, (10,))).apply_async()
+
+    assert result.get(timeout=20) == 60
+    assert result.state == "SUCCESS"
+    assert (result.parent.get(timeout=10), result.parent.parent.get(timeout=10)) == (6, 3)
+    _quiet(broker, queue)
+    assert broker.dead_letter_count(queue) == 0
+    assert_log_clean(worker)
+
+
+def test_celery_chain_steps_keep_their_own_queues_and_immutability_on_taskq_workers(
+    celery_client: Celery, start_worker: Callable[..., WorkerProcess], broker: Broker, queue: str
+) -> None:
+    """Given a taskq worker with another default queue, when Celery sends a chain whose steps
+    name their queue (``.set(queue=...)``) and one of them is immutable (``.si``), then the
+    steps go to that queue and the immutable one ignores the result before it."""
+    worker = start_worker(app=INTEROP)  # default queue "taskq": the steps say where they go
+    sig = celery_client.signature
+
+    workflow = celery_chain(sig(ADD, (1, 2)).set(queue=queue),
+                            sig(ADD, (5, 5), immutable=True).set(queue=queue),  # Celery's .si
+                            sig(MUL, (10,)).set(queue=queue))
+    result = workflow.apply_async()
+
+    assert result.get(timeout=20) == 100  # (a step sent to "taskq" would never have run)
+    _quiet(broker, queue)
+    assert_log_clean(worker)
+
+
+def test_celery_client_gets_a_taskq_chains_failure_and_later_steps_do_not_run(
+    celery_client: Celery, start_worker: Callable[..., WorkerProcess], broker: Broker,
+    queue: str, tmp_path: Path
+) -> None:
+    """Given a taskq worker, when a Celery chain's middle step raises ValueError('no good'),
+    then Celery's get() on the chain raises that ValueError at once, the failed step's own
+    result is that FAILURE, and the step after it never runs."""
+    start_worker(app=INTEROP, env={"TASKQ_TEST_DEFAULT_QUEUE": queue})
+    log = tmp_path / "steps"
+    sig = celery_client.signature
+
+    result = celery_chain(sig(STEP, (0, str(log), "a")), sig(BOOM, ("no good",)),
+                          sig(STEP, (str(log), "c"))).apply_async()
+
+    with pytest.raises(ValueError) as excinfo:
+        result.get(timeout=20)  # raised as soon as the failed step's result is in
+    assert excinfo.value.args == ("no good",)
+    failed = result.parent
+    assert failed.state == "FAILURE" and "ValueError: no good" in failed.traceback
+    # The last step's own result is that failure too (Celery's worker sends it as well).
+    with pytest.raises(ValueError, match="no good"):
+        result.get(timeout=10, follow_parents=False)
+    assert result.state == "FAILURE"
+    _quiet(broker, queue)
+    assert _notes(log) == ["a"]
+    assert broker.dead_letter_count(queue) == 0
+
+
+def test_taskq_clients_chain_runs_on_a_celery_worker_and_taskq_gets_the_last_value(
+    tasks: SimpleNamespace, celery_queue: str, celery_worker: CeleryWorker, broker: Broker
+) -> None:
+    """Given a Celery worker on the queue, when taskq sends add.s(1, 2) | add.s(3) | mul.s(10),
+    then taskq's one AsyncResult gets 60: Celery's worker sent each next step itself."""
+    mul = taskq.signature(MUL, (10,), app=tasks.app)
+
+    result = (tasks.add.s(1, 2) | tasks.add.s(3) | mul).delay()
+
+    assert result.get(timeout=20) == 60
+    assert result.state == "SUCCESS"
+    wait_for(lambda: f"{MUL}[{result.id}] succeeded" in celery_worker.log(), 10,
+             "the celery worker to log the last step it ran")
+    _quiet(broker, celery_queue)
+
+
+def test_taskq_client_gets_a_celery_chains_failure_and_later_steps_do_not_run(
+    tasks: SimpleNamespace, celery_queue: str, celery_worker: CeleryWorker, broker: Broker,
+    tmp_path: Path
+) -> None:
+    """Given a Celery worker, when a taskq chain's middle step raises ValueError('no good'),
+    then taskq's get() raises that ValueError with Celery's traceback, and the step after it
+    never runs."""
+    log = tmp_path / "steps"
+    app = tasks.app
+    first = taskq.signature(STEP, (0, str(log), "a"), app=app)
+    bad = taskq.signature(BOOM, ("no good",), app=app)
+    last = taskq.signature(STEP, (str(log), "c"), app=app)
+
+    result = (first | bad | last).delay()
+
+    with pytest.raises(ValueError) as excinfo:
+        result.get(timeout=20)
+    assert excinfo.value.args == ("no good",)
+    assert result.state == "FAILURE"
+    assert "ValueError: no good" in (result.traceback or "")
+    wait_for(lambda: f"{BOOM}[" in celery_worker.log(), 10,
+             "the celery worker to log the step that failed")
+    _quiet(broker, celery_queue)
+    assert _notes(log) == ["a"]
+
+
+def _hopping_chain_ran_on_both(log: Path, celery_worker: CeleryWorker) -> None:
+    """Steps 1 and 3 ran on the taskq worker, 2 and 4 on the Celery worker, once each."""
+    notes = [line.split() for line in log.read_text().splitlines()]
+    assert [token for token, _ in notes] == ["1", "2", "3", "4"], notes
+    celery_pid = str(celery_worker.proc.pid)  # solo pool: tasks run in the worker process
+    assert [pid == celery_pid for _, pid in notes] == [False, True, False, True], notes
+
+
+@pytest.fixture
+def taskq_hop_queue(celery_queue: str, broker: Broker,
+                    start_worker: Callable[..., WorkerProcess]) -> Iterator[str]:
+    """A second queue, served by a taskq worker, next to the Celery worker's.
+
+    Declared first as a Celery app declares a queue it publishes to (no arguments), so the
+    Celery worker may send steps to it; taskq uses such a queue as it is."""
+    hop = f"{celery_queue}-taskq"
+    with broker.channel() as ch:
+        ch.queue_declare(hop, durable=True, auto_delete=False)
+    start_worker(app=INTEROP, queues=[hop], env={"TASKQ_TEST_DEFAULT_QUEUE": hop})
+    try:
+        yield hop
+    finally:
+        broker.delete_queue(hop)
+
+
+def test_a_celery_chain_hops_between_taskq_and_celery_workers(
+    celery_client: Celery, celery_worker: CeleryWorker, celery_queue: str, taskq_hop_queue: str,
+    tmp_path: Path
+) -> None:
+    """Given a taskq worker and a Celery worker on two queues, when a Celery client sends a
+    chain whose steps alternate between them, then each worker sends the next step to the
+    other (each reads the other's ``chain`` field) and Celery gets the last value."""
+    log = tmp_path / "steps"
+    sig = celery_client.signature
+    on = [taskq_hop_queue, celery_queue, taskq_hop_queue, celery_queue]
+    first = sig(STEP, (0, str(log), "1")).set(queue=on[0])
+    later = [sig(STEP, (str(log), str(n))).set(queue=on[n - 1]) for n in (2, 3, 4)]
+
+    result = celery_chain(first, *later).apply_async()
+
+    assert result.get(timeout=30) == 4
+    _hopping_chain_ran_on_both(log, celery_worker)
+
+
+def test_a_taskq_chain_hops_between_taskq_and_celery_workers(
+    tasks: SimpleNamespace, celery_worker: CeleryWorker, celery_queue: str,
+    taskq_hop_queue: str, tmp_path: Path
+) -> None:
+    """Given a taskq worker and a Celery worker on two queues, when a taskq client sends a
+    chain whose steps alternate between them, then taskq's one AsyncResult gets the last."""
+    log = tmp_path / "steps"
+    on = [taskq_hop_queue, celery_queue, taskq_hop_queue, celery_queue]
+    steps = [taskq.signature(STEP, (0, str(log), "1"), app=tasks.app).set(queue=on[0])]
+    steps += [taskq.signature(STEP, (str(log), str(n)), app=tasks.app).set(queue=on[n - 1])
+              for n in (2, 3, 4)]
+
+    result = taskq.chain(*steps).delay()
+
+    assert result.get(timeout=30) == 4
+    _hopping_chain_ran_on_both(log, celery_worker)
+
+
+# -- Celery's routing options and link_error on taskq workers --------------------------------
+
+
+def test_celery_chain_step_routed_by_the_default_exchange_runs_on_taskq_workers(
+    celery_client: Celery, start_worker: Callable[..., WorkerProcess], queue: str
+) -> None:
+    start_worker(app=INTEROP, env={"TASKQ_TEST_DEFAULT_QUEUE": queue})
+    sig = celery_client.signature
+    routed = sig(ADD, (3,)).set(exchange="", routing_key=queue)  # Celery: straight to `queue`
+
+    result = celery_chain(sig(ADD, (1, 2)), routed, sig(MUL, (10,))).apply_async()
+
+    assert result.get(timeout=10) == 60
+
+
+def test_celery_chains_errback_runs_when_a_step_fails_on_a_taskq_worker(
+    celery_client: Celery, start_worker: Callable[..., WorkerProcess], queue: str,
+    tmp_path: Path
+) -> None:
+    start_worker(app=INTEROP, env={"TASKQ_TEST_DEFAULT_QUEUE": queue})
+    notes = tmp_path / "notes"
+    sig = celery_client.signature
+    errback = sig(RECORD, (str(notes), "errback"), immutable=True)
+
+    result = celery_chain(sig(ADD, (1, 2)), sig(BOOM, ("no good",))).on_error(errback)\
+        .apply_async()
+
+    with pytest.raises(ValueError):
+        result.get(timeout=10)
+    wait_for(lambda: _notes(notes) == ["errback"], 10, "the chain's errback to run")

@@ -40,3 +40,24 @@ def fail(kind: str, message: str) -> None:
     if kind == "KeyError":
         raise KeyError(message)
     raise PeerError(message)
+
+
+# -- chain steps, with the names of tests.apps.flows / tests.apps.interop ------------------------
+
+
+@app.task(name="tests.apps.interop.mul")
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@app.task(name="tests.apps.flows.boom")
+def boom(value: object, message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task(name="tests.apps.flows.step")
+def step(value: int, path: str, token: str) -> int:
+    """A chain step that notes ``token`` in ``path`` (so a test sees which steps ran)."""
+    with open(path, "a") as f:
+        f.write(f"{token} {os.getpid()}\n")
+    return value + 1

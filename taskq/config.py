@@ -64,8 +64,8 @@ class Config:
     eager: bool = False
     #: How long the broker keeps what workflows need after their last use (seconds): a
     #: chord's parts while its header runs, and on RabbitMQ the mark that tells a workflow
-    #: message's second copy from its first (one small queue per chain step, chord callback
-    #: and schedule fire, for this long). Longer than any gap between a chord's parts.
+    #: message's second copy from its first (one small queue per chain and per chord, for
+    #: this long). Longer than any gap between a chord's parts.
     workflow_expires: float = 24 * 3600.0
     #: Which schedule in the broker this app's periodic tasks are (``app.schedule``, ``taskq
     #: beat``): its beats share one active scheduler and one record of what was fired. Apps

@@ -57,6 +57,9 @@ class Envelope:
     #: chain's next step, a chord's callback, a schedule's fire), always under the same task
     #: id: the broker sees that only one copy runs (see ``SlotLink.is_copy``).
     once: bool = False
+    #: What a ``once`` message's run is claimed under, and its place there: a chain's steps
+    #: share the chain's key, each later step with a higher place (None: its own task id).
+    once_scope: tuple[str, int] | None = None
 
     @property
     def task_id(self) -> str:

@@ -128,11 +128,18 @@ def _next_step(
     step = Signature(chain[-1], app=app)
     rest = chain[:-1]
     args = list(step.args) if step.immutable else [value, *step.args]
-    return app.envelope_for(
+    envelope = app.envelope_for(
         step, args=args, reply_to=step.options.get("reply_to"),
         embed={"chain": rest} if rest else None, headers=_lineage(headers, task_id),
         once=True,
     )
+    # The chain's steps are claimed under its last step's id (one key per chain), later
+    # steps in higher places: a step's copy that comes after the next step ran is let go.
+    last = rest[0] if rest else chain[-1]
+    key = last.get("options", {}).get("task_id") if isinstance(last, Mapping) else None
+    if isinstance(key, str) and key:
+        envelope.once_scope = (key, -len(rest))
+    return envelope
 
 
 def _part(

@@ -6,10 +6,10 @@ one it ran leaves a copy behind: the message runs again and stores the next one 
 the same task id. So each such message carries a random mark (``x-taskq-once``), and before
 one runs, its slot claims its task id in the broker:
 
-* ``taskq.once.<task id>``: a queue of at most one message that refuses the next
-  (``reject-publish``). The first copy to run publishes its mark there; a copy whose mark is
-  refused reads the mark kept: its own (the same copy, delivered again after its slot died)
-  runs, another's is let go. The queue expires ``workflow_expires`` after its last use.
+* ``taskq.once.<key>``: a queue of at most one message that refuses the next
+  (``reject-publish``), holding the latest claim: a place and a mark (see :func:`is_copy`).
+  A chain's steps share one key (the chain's last step's id), each later step a higher
+  place; a chord's callback has its own. It expires ``workflow_expires`` after its last use.
 
 A chord's join is a queue of the header results:
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -58,39 +59,51 @@ def chord_queue_name(chord: str) -> str:
 
 
 def marked(envelope: Envelope) -> Envelope:
-    """The envelope with a mark of its own, if it is a workflow's (``once``) message."""
+    """The envelope with a mark of its own, if it is a workflow's (``once``) message: the
+    key its run is claimed under, its place there, and a random mark."""
     if not envelope.once:
         return envelope
-    headers = {**envelope.headers, ONCE_HEADER: os.urandom(12).hex()}
-    return dataclasses.replace(envelope, headers=headers)
+    key, place = envelope.once_scope or (envelope.task_id, 0)
+    mark = [key, place, os.urandom(12).hex()]
+    return dataclasses.replace(envelope, headers={**envelope.headers, ONCE_HEADER: mark})
 
 
 def is_copy(confirms: ConfirmChannel, delivery: Delivery, expires: float,
             deadline: float) -> bool:
-    """Whether ``delivery`` is a second copy of a workflow message whose first copy ran (or
-    runs): claims its task id with its mark if nobody has."""
-    mark = delivery.headers.get(ONCE_HEADER)
-    task_id = delivery.task_id
-    if not mark or not task_id:
+    """Whether ``delivery`` is a copy of a workflow message that must not run: another copy
+    of it claimed the run, or a later message of its chain did. Otherwise claims the run.
+
+    The claim queue holds one message, ``[place, mark]``: the latest claim under its key.
+    Read it (``basic_get``, given back unless replaced): our own mark means this copy was
+    delivered again after its slot died (it runs); another mark at our place or later means
+    it must not. An earlier place is replaced by ours (ack it, publish ours). Publishing
+    into the queue when it is empty is the claim: the queue refuses a second message, so of
+    two copies that claim at once, one publish wins and the other reads it.
+    """
+    header = delivery.headers.get(ONCE_HEADER)
+    if not isinstance(header, list) or len(header) != 3:
         return False
-    mine = str(mark).encode()
-    name = once_queue_name(task_id)
+    key, place, mark = str(header[0]), int(header[1]), str(header[2])
+    name = once_queue_name(key)
     channel = confirms.channel
     channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False,
                           arguments={"x-max-length": 1, "x-overflow": "reject-publish",
                                      "x-expires": round(expires * 1000)})
-    seq = confirms.send(mine, {"delivery_mode": 2}, "", name, None)
-    confirms.wait_until(seq, deadline)
-    if not confirms.refusal(seq, None):
-        return False  # the first to claim it
+    claim = json.dumps([place, mark]).encode()
     while True:
         kept = channel.basic_get(name, no_ack=False)
         if kept is not None:
-            channel.basic_reject(kept.delivery_tag, requeue=True)
-            return bytes(kept.body) != mine
-        if time.monotonic() > deadline:  # another copy's slot is reading it right now
-            raise TimeoutError(f"could not read the run mark of workflow message {task_id}")
-        time.sleep(0.002)
+            kept_place, kept_mark = json.loads(bytes(kept.body))
+            if kept_mark == mark or kept_place >= place:
+                channel.basic_reject(kept.delivery_tag, requeue=True)
+                return bool(kept_mark != mark)
+            channel.basic_ack(kept.delivery_tag)  # an earlier step's: ours replaces it
+        seq = confirms.send(claim, {"delivery_mode": 2}, "", name, None)
+        confirms.wait_until(seq, deadline)
+        if not confirms.refusal(seq, None):
+            return False  # claimed
+        if time.monotonic() > deadline:  # another copy's slot holds the claim right now
+            raise TimeoutError(f"could not claim the run of workflow message {key}")
 
 
 def join(connection: Any, confirms: ConfirmChannel, part: Join, expires: float,

@@ -277,7 +277,7 @@ class _Composite(Signature):
     kind = ""
 
     def __init__(self, *tasks: Any, app: App | None = None, **options: Any) -> None:
-        if len(tasks) == 1 and isinstance(tasks[0], Mapping):  # the dict form
+        if len(tasks) == 1 and _is_form_of(tasks[0], self.kind):  # the dict form
             super().__init__(tasks[0], app=app)
             members = [_member(t, app) for t in self["kwargs"].get("tasks") or ()]
         else:
@@ -304,6 +304,12 @@ class _Composite(Signature):
         copy = type(self)(*[t.clone() for t in self.tasks], app=self._app,
                           **{**self.options, **options})
         return copy
+
+
+def _is_form_of(value: Any, kind: str) -> bool:
+    """Whether ``value`` is the dict form of a ``kind`` (a chain, a group), not one member."""
+    return isinstance(value, Mapping) and value.get("subtask_type") == kind and (
+        not isinstance(value, Signature) or isinstance(value, _Composite))
 
 
 class Chain(_Composite):
@@ -368,6 +374,12 @@ class Group(_Composite):
 
     kind = "group"
 
+    def __or__(self, other: Signature) -> Chord:  # type: ignore[override]
+        """``group(...) | callback.s()``: Celery makes that a chord; so does taskq."""
+        if not isinstance(other, Signature):
+            return NotImplemented
+        return Chord(self, other, app=self._app)
+
     def apply_async(
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
         **options: Any,
@@ -417,7 +429,7 @@ class Chord(Signature):
         app: App | None = None,
         **options: Any,
     ) -> None:
-        if isinstance(header, Mapping) and header.get("subtask_type") == "chord":
+        if _is_form_of(header, "chord") and not isinstance(header, Group):
             super().__init__(header, app=app)
             kwargs = self["kwargs"]
             self["kwargs"] = {"header": Group(kwargs["header"], app=app),

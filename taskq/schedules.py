@@ -205,6 +205,11 @@ def _signature(sig: Any) -> Signature:
 
     if isinstance(sig, Task):
         return sig.s()
+    if isinstance(sig, Mapping) and sig.get("subtask_type"):
+        raise ConfigurationError(
+            f"app.schedule() sends one task: {sig!r} is a {sig.get('subtask_type')}; schedule "
+            "a task that sends it instead"
+        )
     if isinstance(sig, Signature):
         return sig
     if isinstance(sig, Mapping) and isinstance(sig.get("task"), str) and sig["task"]:

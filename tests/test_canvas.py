@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -401,3 +402,60 @@ def test_link_and_link_error_signatures_are_sent_after_the_task(
     wait_for(lambda: f"errback-for-bad-{queue}" in _runs(log), 20, "the errback to run")
     _quiet(broker, queue)
     assert _runs(log) == {"first": 1, "linked": 1, f"errback-for-bad-{queue}": 1}
+
+
+@pytest.mark.rabbitmq
+def test_copies_claiming_one_run_at_once_on_rabbitmq_get_exactly_one(broker: Broker) -> None:
+    """The claim protocol itself, under contention: 6 copies of one workflow message (each
+    its own mark, its own connection) claim at the same moment; exactly one may run. Then a
+    later step of the same chain replaces the claim, and a late copy of the earlier step is
+    refused, while the winner's own copy, delivered again, may still run."""
+    import amqp
+
+    from taskq.broker.amqp.channel import ConfirmChannel
+    from taskq.broker.amqp.flows import ONCE_HEADER, is_copy
+    from taskq.message import Delivery
+
+    from .support import RABBIT_HOST, RABBIT_PORT
+
+    def connect() -> tuple[amqp.Connection, ConfirmChannel]:
+        connection = amqp.Connection(f"{RABBIT_HOST}:{RABBIT_PORT}", userid="guest",
+                                     password="guest", virtual_host=broker.vhost)  # type: ignore[attr-defined]
+        connection.connect()
+        return connection, ConfirmChannel(connection)
+
+    def copy(key: str, place: int, mark: str) -> Delivery:
+        return Delivery(b"", None, {"id": key, ONCE_HEADER: [key, place, mark]}, key, None,
+                        False, "q")
+
+    links = [connect() for _ in range(6)]
+    try:
+        for round_ in range(5):
+            key = f"claim-{round_}-{os.urandom(4).hex()}"
+            barrier = threading.Barrier(len(links))
+            outcomes: dict[int, bool] = {}
+
+            def claim(n: int, key: str = key, barrier: threading.Barrier = barrier,
+                      outcomes: dict[int, bool] = outcomes) -> None:
+                connection, confirms = links[n]
+                barrier.wait()
+                outcomes[n] = is_copy(connection, confirms, copy(key, -2, f"m{n}"), 60,
+                                      time.monotonic() + 20)
+
+            threads = [threading.Thread(target=claim, args=(n,)) for n in range(len(links))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            winners = [n for n, dropped in outcomes.items() if not dropped]
+            assert len(outcomes) == len(links) and len(winners) == 1, outcomes
+            connection, confirms = links[0]
+            deadline = time.monotonic() + 20
+            winner = winners[0]
+            assert not is_copy(connection, confirms, copy(key, -2, f"m{winner}"), 60, deadline)
+            assert not is_copy(connection, confirms, copy(key, -1, "next"), 60, deadline)
+            assert is_copy(connection, confirms, copy(key, -2, f"m{winner}"), 60, deadline)
+            assert not is_copy(connection, confirms, copy(key, -1, "next"), 60, deadline)
+    finally:
+        for connection, _ in links:
+            connection.close()

@@ -68,51 +68,104 @@ def marked(envelope: Envelope) -> Envelope:
     return dataclasses.replace(envelope, headers={**envelope.headers, ONCE_HEADER: mark})
 
 
-def is_copy(confirms: ConfirmChannel, delivery: Delivery, expires: float,
+def is_copy(connection: Any, confirms: ConfirmChannel, delivery: Delivery, expires: float,
             deadline: float) -> bool:
     """Whether ``delivery`` is a copy of a workflow message that must not run: another copy
     of it claimed the run, or a later message of its chain did. Otherwise claims the run.
 
-    The claim queue holds one message, ``[place, mark]``: the latest claim under its key.
-    Read it (``basic_get``, given back unless replaced): our own mark means this copy was
-    delivered again after its slot died (it runs); another mark at our place or later means
-    it must not. An earlier place is replaced by ours (ack it, publish ours). Publishing
-    into the queue when it is empty is the claim: the queue refuses a second message, so of
-    two copies that claim at once, one publish wins and the other reads it.
+    The claim queue holds at most one message, ``[place, mark]``: the latest claim under its
+    key. Who looks at it holds it under a lock: an exclusive consumer on the queue (the
+    broker refuses a second one, and drops it with a dead process's connection), so no
+    copy ever finds the queue empty while another holds the claim. Our own mark means this
+    copy was delivered again after its slot died (it runs); another mark at our place or
+    later means it must not; an earlier place (the step before) is replaced by ours.
     """
-    header = delivery.headers.get(ONCE_HEADER)
-    if not isinstance(header, list) or len(header) != 3:
+    claim = _claim_of(delivery.headers.get(ONCE_HEADER))
+    if claim is None:
         return False
-    key, place, mark = str(header[0]), int(header[1]), str(header[2])
+    key, place, mark = claim
     name = once_queue_name(key)
-    channel = confirms.channel
-    channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False,
-                          arguments={"x-max-length": 1, "x-overflow": "reject-publish",
-                                     "x-expires": round(expires * 1000)})
-    claim = json.dumps([place, mark]).encode()
+    _declare(connection, name, {"x-max-length": 1, "x-overflow": "reject-publish",
+                                "x-expires": round(expires * 1000)})
     while True:
-        kept = channel.basic_get(name, no_ack=False)
-        if kept is not None:
-            kept_place, kept_mark = json.loads(bytes(kept.body))
-            if kept_mark == mark or kept_place >= place:
-                channel.basic_reject(kept.delivery_tag, requeue=True)
-                return bool(kept_mark != mark)
-            channel.basic_ack(kept.delivery_tag)  # an earlier step's: ours replaces it
-        seq = confirms.send(claim, {"delivery_mode": 2}, "", name, None)
-        confirms.wait_until(seq, deadline)
-        if not confirms.refusal(seq, None):
-            return False  # claimed
-        if time.monotonic() > deadline:  # another copy's slot holds the claim right now
+        held = _hold(connection, name)
+        if held is not None:
+            channel, kept = held
+            try:
+                return _decide(confirms, channel, name, kept, place, mark, deadline)
+            finally:
+                if channel.is_open:
+                    channel.close()  # gives back what we did not ack, and the lock
+        if time.monotonic() > deadline:
             raise TimeoutError(f"could not claim the run of workflow message {key}")
+        time.sleep(0.002)  # another copy's slot holds the claim for a moment
+
+
+def _claim_of(header: Any) -> tuple[str, int, str] | None:
+    """``(key, place, mark)`` from the header; None if there is none, or it is not ours."""
+    try:
+        key, place, mark = header
+        return str(key), int(place), str(mark)
+    except (TypeError, ValueError):
+        return None
+
+
+def _hold(connection: Any, name: str) -> tuple[Any, Any] | None:
+    """The claim queue under our lock: (the channel holding it, the claim kept there or
+    None); None if another holds the lock."""
+    channel = connection.channel()
+    channel.auto_decode = False
+    kept: list[Any] = []
+    try:
+        channel.basic_consume(name, callback=kept.append, exclusive=True)
+        # The claim (if any) is pushed as we start consuming; a round trip with the channel
+        # after that returns only once what it pushed has been written to us.
+        channel.basic_qos(0, 1, False)
+    except (amqp_errors.AccessRefused, amqp_errors.ResourceLocked, amqp_errors.NotFound):
+        return None  # the broker closed that channel
+    return channel, (kept[0] if kept else None)
+
+
+def _decide(confirms: ConfirmChannel, channel: Any, name: str, kept: Any, place: int,
+            mark: str, deadline: float) -> bool:
+    if kept is not None:
+        try:
+            kept_place, kept_mark = json.loads(bytes(kept.body))
+        except (ValueError, TypeError):
+            kept_place, kept_mark = None, None  # not a claim: replaced by ours
+        if kept_mark == mark:
+            return False  # this copy's own claim: it was delivered again, it runs
+        if isinstance(kept_place, int) and kept_place >= place:
+            return True
+        channel.basic_ack(kept.delivery_tag)
+    seq = confirms.send(json.dumps([place, mark]).encode(), {"delivery_mode": 2}, "", name,
+                        None)
+    confirms.wait_until(seq, deadline)
+    refused = confirms.refusal(seq, None)
+    if refused:
+        raise amqp_errors.RecoverableChannelError(f"run claim not stored: {refused}")
+    return False
+
+
+def _declare(connection: Any, name: str, arguments: dict[str, Any]) -> None:
+    """Declare a workflow queue; one that exists with other arguments (another app's
+    ``workflow_expires``) is used as it is."""
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False,
+                              arguments=arguments)
+    except amqp_errors.PreconditionFailed:
+        pass  # the broker closed that channel
+    finally:
+        if channel.is_open:
+            channel.close()
 
 
 def join(connection: Any, confirms: ConfirmChannel, part: Join, expires: float,
          deadline: float) -> list[bytes] | None:
     """Add a chord's part; every part in order if the chord is complete now, else None."""
     name = chord_queue_name(part.chord)
-    confirms.channel.queue_declare(queue=name, durable=True, exclusive=False,
-                                   auto_delete=False,
-                                   arguments={"x-expires": round(expires * 1000)})
+    _declare(connection, name, {"x-expires": round(expires * 1000)})
     properties = {"delivery_mode": 2, "application_headers": {"index": part.index}}
     seq = confirms.send(part.part, properties, "", name, None)
     confirms.wait_until(seq, deadline)

@@ -243,8 +243,8 @@ class SlotPublisher:
     def is_copy(self, delivery: Delivery) -> bool:
         deadline = time.monotonic() + self.config.publish_timeout
         with bound(self.connection).until(deadline):
-            return flows.is_copy(self.confirms, delivery, self.config.workflow_expires,
-                                 deadline)
+            return flows.is_copy(self.connection, self.confirms, delivery,
+                                 self.config.workflow_expires, deadline)
 
     def record_lost(self, name: str) -> None:
         """Count one lost run of the message whose count is ``name`` (see :mod:`lost`)."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ...message import Envelope
 from ..base import BeatLink
-from .client import SqliteClient, insert_message
+from .client import SqliteClient, copies_of, insert_message
 
 if TYPE_CHECKING:
     from . import SqliteBroker
@@ -87,8 +87,7 @@ class SqliteBeatLink(BeatLink):
         deadline = time.monotonic() + self.timeout
         copies: list[Envelope] = []
         if envelope is not None:
-            copies = self.client._copies(envelope) \
-                if envelope.routing_key is not None or envelope.broadcast else [envelope]
+            copies = copies_of(self.broker, envelope)
             self.broker.register_queues({copy.queue for copy in copies})
         with self.store.write(deadline) as conn:
             found = conn.execute("SELECT last_due FROM beat WHERE schedule = ? AND entry = ?",

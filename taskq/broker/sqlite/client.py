@@ -60,6 +60,31 @@ BACKLOG = ("SELECT 1 FROM messages WHERE queue = ? AND holder IS NULL AND due <=
            "AND id < ? LIMIT 1")
 
 
+def copies_of(broker: SqliteBroker, envelope: Envelope) -> list[Envelope]:
+    """The messages to store for ``envelope``: itself for one sent to a queue; one copy per
+    queue bound to a matching pattern for one sent by routing key; one per live worker of
+    its queue for a broadcast. Raises Unroutable if there are none."""
+    if envelope.routing_key is None and not envelope.broadcast:
+        return [envelope]
+    if envelope.broadcast:
+        queues = broker.members(envelope.queue)
+        if not queues:
+            raise Unroutable(
+                f"broadcast {envelope.task_id} was not sent: no worker of queue "
+                f"{envelope.queue!r} is up to receive it"
+            )
+    else:
+        queues = broker.bound_queues(envelope.routing_key or "")
+        if not queues:
+            raise Unroutable(
+                f"task {envelope.task_id} was not queued: no queue is bound to a pattern "
+                f"that routing key {envelope.routing_key!r} matches (bind one: taskq "
+                "worker -Q QUEUE --bind PATTERN)"
+            )
+    return [dataclasses.replace(envelope, queue=q, routing_key=None, broadcast=False)
+            for q in queues]
+
+
 class _Readiness:
     """The reply queue's socket, plus a look every FALLBACK seconds (buffered() says when)."""
 
@@ -98,30 +123,9 @@ class SqliteClient(ClientLink):
 
     # -- publishing --------------------------------------------------------------------------
 
-    def _copies(self, envelope: Envelope) -> list[Envelope]:
-        """A message sent by routing key: one copy per queue bound to a matching pattern; a
-        broadcast: one per live worker of its queue."""
-        if envelope.broadcast:
-            queues = self.broker.members(envelope.queue)
-            if not queues:
-                raise Unroutable(
-                    f"broadcast {envelope.task_id} was not sent: no worker of queue "
-                    f"{envelope.queue!r} is up to receive it"
-                )
-        else:
-            queues = self.broker.bound_queues(envelope.routing_key or "")
-            if not queues:
-                raise Unroutable(
-                    f"task {envelope.task_id} was not queued: no queue is bound to a pattern "
-                    f"that routing key {envelope.routing_key!r} matches (bind one: taskq "
-                    "worker -Q QUEUE --bind PATTERN)"
-                )
-        return [dataclasses.replace(envelope, queue=q, routing_key=None, broadcast=False)
-                for q in queues]
-
     def publish(self, envelope: Envelope, deadline: float) -> None:
         if envelope.routing_key is not None or envelope.broadcast:
-            copies = self._copies(envelope)
+            copies = copies_of(self.broker, envelope)
             with self.store.write(deadline) as conn:
                 for copy in copies:
                     conn.execute(*insert_message(copy, time.time()))
@@ -142,7 +146,7 @@ class SqliteClient(ClientLink):
             direct: list[Envelope] = []
             for envelope in envelopes:
                 try:
-                    direct += self._copies(envelope) \
+                    direct += copies_of(self.broker, envelope) \
                         if envelope.routing_key is not None or envelope.broadcast else [envelope]
                 except Unroutable as exc:
                     refused[envelope.task_id] = str(exc)

@@ -19,10 +19,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ...errors import Unroutable
 from ...message import Delivery, Envelope
 from ..base import NOTHING_AFTER, After, DeliveryCallback, Reply, SlotLink
-from .client import insert_message
+from .client import copies_of, insert_message
 from .names import home_queue, is_member
 from .store import decode_props, encode_props
 from .wake import FALLBACK, Listener
@@ -306,42 +305,31 @@ class SqliteSlot(SlotLink):
 
     def settle(self, delivery: Delivery, reply: Reply | None, after: After = NOTHING_AFTER) -> None:
         woken: list[str] = []
-        messages: list[Envelope] = []
         if after is not NOTHING_AFTER:
-            messages = self._routed(after)
+            after = self._routed(after)
         with self.store.write() as conn:
             self._file_reply(conn, delivery, reply, woken)
             if after is not NOTHING_AFTER:
-                self._store_after(conn, after, messages, woken)
+                self._store_after(conn, after, woken)
             taken = self._release(conn, delivery)
         self._done(taken, woken)
 
-    def _routed(self, after: After) -> list[Envelope]:
-        """The messages to store, one per queue (a topic send: one per bound queue; raise
-        Unroutable if none is), their queues registered."""
-        messages = []
-        for envelope in after.messages:
-            if envelope.routing_key is None:
-                messages.append(envelope)
-                continue
-            queues = self.broker.bound_queues(envelope.routing_key)
-            if not queues:
-                raise Unroutable(
-                    f"task {envelope.task_id} was not stored: no queue is bound to a pattern "
-                    f"that routing key {envelope.routing_key!r} matches")
-            messages.extend(replace(envelope, queue=q, routing_key=None) for q in queues)
-        queues = [m.queue for m in messages]
-        if after.join is not None:
-            queues.append(after.join.callback.queue)
-        self.broker.register_queues(queues)
-        return messages
+    def _routed(self, after: After) -> After:
+        """``after`` with its messages one per queue (a topic send: one per bound queue;
+        raise Unroutable if none is), their queues registered."""
+        messages = [copy for message in after.messages for copy in copies_of(self.broker, message)]
+        join = after.join
+        if join is not None:  # a workflow message runs once: one queue is enough
+            join = replace(join, callback=copies_of(self.broker, join.callback)[0])
+        self.broker.register_queues([m.queue for m in messages]
+                                    + ([join.callback.queue] if join else []))
+        return replace(after, messages=tuple(messages), join=join)
 
-    def _store_after(self, conn: sqlite3.Connection, after: After, messages: list[Envelope],
-                     woken: list[str]) -> None:
+    def _store_after(self, conn: sqlite3.Connection, after: After, woken: list[str]) -> None:
         """In the settle's own transaction: a workflow's next messages are stored with the
         ack, once; so is a chord's callback, by the settle that brings its last part."""
         now = time.time()
-        for envelope in messages:
+        for envelope in after.messages:
             if _first_send(conn, envelope, now):
                 conn.execute(*insert_message(envelope, now))
                 woken.append(envelope.queue)

@@ -30,6 +30,10 @@ log = logging.getLogger("taskq.broker")
 STALE_RATES = 86400.0
 
 
+#: How often a running worker drops workflow state past ``workflow_expires`` (seconds).
+FORGET_EVERY = 600.0
+
+
 class SqliteWorkerSupport(WorkerSupport):
     def __init__(self, broker: SqliteBroker) -> None:
         super().__init__()
@@ -41,18 +45,29 @@ class SqliteWorkerSupport(WorkerSupport):
         self.broker.sweep()
         with self.broker.store.write() as conn:  # rate keys of workers long gone
             conn.execute("DELETE FROM rates WHERE last < ?", (time.time() - STALE_RATES,))
-            # chords that never completed (a header failed), and joins long done
-            expired = time.time() - self.broker.config.workflow_expires
-            conn.execute("DELETE FROM chord_parts WHERE created < ?", (expired,))
-            conn.execute("DELETE FROM sent WHERE at < ?", (expired,))
+        self._forget_workflows()
         self._checkpointer = threading.Thread(
             target=self._checkpoint, name="taskq-checkpoint", daemon=True)
         self._checkpointer.start()
 
+    def _forget_workflows(self) -> None:
+        """Chords whose last part came ``workflow_expires`` ago (a header failed, or a
+        header task ran again long after its chord completed), and the record of workflow
+        messages sent that long ago."""
+        expired = time.time() - self.broker.config.workflow_expires
+        with self.broker.store.write() as conn:
+            conn.execute("DELETE FROM chord_parts WHERE chord IN (SELECT chord FROM chord_parts "
+                         "GROUP BY chord HAVING max(created) < ?)", (expired,))
+            conn.execute("DELETE FROM sent WHERE at < ?", (expired,))
+
     def _checkpoint(self) -> None:
+        forget_at = time.monotonic() + FORGET_EVERY
         while not self._stop.wait(CHECKPOINT_EVERY):
             try:
                 self.broker.store.checkpoint()
+                if time.monotonic() >= forget_at:
+                    forget_at = time.monotonic() + FORGET_EVERY
+                    self._forget_workflows()
             except Exception as exc:  # the commits' own checkpoints still run: say, go on
                 log.debug("background checkpoint failed: %s", exc)
 

@@ -413,16 +413,16 @@ def test_copies_claiming_one_run_at_once_on_rabbitmq_get_exactly_one(broker: Bro
     import amqp
 
     from taskq.broker.amqp.channel import ConfirmChannel
-    from taskq.broker.amqp.flows import ONCE_HEADER, is_copy
+    from taskq.broker.amqp.flows import ONCE_HEADER, Claims
     from taskq.message import Delivery
 
     from .support import RABBIT_HOST, RABBIT_PORT
 
-    def connect() -> tuple[amqp.Connection, ConfirmChannel]:
+    def connect() -> tuple[amqp.Connection, Claims]:
         connection = amqp.Connection(f"{RABBIT_HOST}:{RABBIT_PORT}", userid="guest",
                                      password="guest", virtual_host=broker.vhost)  # type: ignore[attr-defined]
         connection.connect()
-        return connection, ConfirmChannel(connection)
+        return connection, Claims(connection, ConfirmChannel(connection), 60)
 
     def copy(key: str, place: int, mark: str) -> Delivery:
         return Delivery(b"", None, {"id": key, ONCE_HEADER: [key, place, mark]}, key, None,
@@ -437,10 +437,9 @@ def test_copies_claiming_one_run_at_once_on_rabbitmq_get_exactly_one(broker: Bro
 
             def claim(n: int, key: str = key, barrier: threading.Barrier = barrier,
                       outcomes: dict[int, bool] = outcomes) -> None:
-                connection, confirms = links[n]
+                claims = links[n][1]
                 barrier.wait()
-                outcomes[n] = is_copy(connection, confirms, copy(key, -2, f"m{n}"), 60,
-                                      time.monotonic() + 20)
+                outcomes[n] = claims.is_copy(copy(key, -2, f"m{n}"), time.monotonic() + 20)
 
             threads = [threading.Thread(target=claim, args=(n,)) for n in range(len(links))]
             for thread in threads:
@@ -449,13 +448,13 @@ def test_copies_claiming_one_run_at_once_on_rabbitmq_get_exactly_one(broker: Bro
                 thread.join()
             winners = [n for n, dropped in outcomes.items() if not dropped]
             assert len(outcomes) == len(links) and len(winners) == 1, outcomes
-            connection, confirms = links[0]
+            claims = links[0][1]
             deadline = time.monotonic() + 20
             winner = winners[0]
-            assert not is_copy(connection, confirms, copy(key, -2, f"m{winner}"), 60, deadline)
-            assert not is_copy(connection, confirms, copy(key, -1, "next"), 60, deadline)
-            assert is_copy(connection, confirms, copy(key, -2, f"m{winner}"), 60, deadline)
-            assert not is_copy(connection, confirms, copy(key, -1, "next"), 60, deadline)
+            assert not claims.is_copy(copy(key, -2, f"m{winner}"), deadline)  # its own, again
+            assert not claims.is_copy(copy(key, -1, "next"), deadline)  # the next step
+            assert claims.is_copy(copy(key, -2, f"m{winner}"), deadline)  # too late now
+            assert not claims.is_copy(copy(key, -1, "next"), deadline)
     finally:
         for connection, _ in links:
             connection.close()

@@ -7,7 +7,8 @@ the same task id. So each such message carries a random mark (``x-taskq-once``),
 one runs, its slot claims its task id in the broker:
 
 * ``taskq.once.<key>``: a queue of at most one message that refuses the next
-  (``reject-publish``), holding the latest claim: a place and a mark (see :func:`is_copy`).
+  (``reject-publish``), holding the latest claim: a place and a mark; read and written only
+  under the key's lock, ``taskq.once.<key>.lock`` (see :meth:`Claims.is_copy`).
   A chain's steps share one key (the chain's last step's id), each later step a higher
   place; a chord's callback has its own. It expires ``workflow_expires`` after its last use.
 
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 
 from amqp import exceptions as amqp_errors
@@ -68,37 +70,87 @@ def marked(envelope: Envelope) -> Envelope:
     return dataclasses.replace(envelope, headers={**envelope.headers, ONCE_HEADER: mark})
 
 
-def is_copy(connection: Any, confirms: ConfirmChannel, delivery: Delivery, expires: float,
-            deadline: float) -> bool:
-    """Whether ``delivery`` is a copy of a workflow message that must not run: another copy
-    of it claimed the run, or a later message of its chain did. Otherwise claims the run.
+class Claims:
+    """The run claims of one publishing connection (see :meth:`is_copy`): a channel kept for
+    them, and the claim queues it has declared."""
 
-    The claim queue holds at most one message, ``[place, mark]``: the latest claim under its
-    key. Who looks at it holds it under a lock: an exclusive consumer on the queue (the
-    broker refuses a second one, and drops it with a dead process's connection), so no
-    copy ever finds the queue empty while another holds the claim. Our own mark means this
-    copy was delivered again after its slot died (it runs); another mark at our place or
-    later means it must not; an earlier place (the step before) is replaced by ours.
-    """
-    claim = _claim_of(delivery.headers.get(ONCE_HEADER))
-    if claim is None:
-        return False
-    key, place, mark = claim
-    name = once_queue_name(key)
-    _declare(connection, name, {"x-max-length": 1, "x-overflow": "reject-publish",
-                                "x-expires": round(expires * 1000)})
-    while True:
-        held = _hold(connection, name)
-        if held is not None:
-            channel, kept = held
+    #: Claim queues remembered as declared (a chain's later steps claim in the same one).
+    REMEMBERED = 4096
+
+    def __init__(self, connection: Any, confirms: ConfirmChannel, expires: float) -> None:
+        self.connection = connection
+        self.confirms = confirms
+        self.expires = expires
+        self._channel: Any = None
+        self._declared: OrderedDict[str, None] = OrderedDict()
+
+    def is_copy(self, delivery: Delivery, deadline: float) -> bool:
+        """Whether ``delivery`` is a copy of a workflow message that must not run: another
+        copy of it claimed the run, or a later message of its chain did. Otherwise claims
+        the run.
+
+        The claim queue holds at most one message, ``[place, mark]``: the latest claim under
+        its key. Who looks at it holds the key's lock: an exclusive consumer on
+        ``<claim queue>.lock`` (the broker refuses a second one, and drops it with a dead
+        process's connection), so no copy ever finds the claim queue empty while another
+        holds the claim. Our own mark
+        means this copy was delivered again after its slot died (it runs); another mark at
+        our place or later means it must not; an earlier place (the step before) is
+        replaced by ours.
+        """
+        claim = _claim_of(delivery.headers.get(ONCE_HEADER))
+        if claim is None:
+            return False
+        key, place, mark = claim
+        name = once_queue_name(key)
+        lock = f"{name}.lock"
+        if name not in self._declared:
+            arguments = {"x-expires": round(self.expires * 1000)}
+            _declare(self.connection, name, {**arguments, "x-max-length": 1,
+                                             "x-overflow": "reject-publish"})
+            _declare(self.connection, lock, arguments)
+            self._declared[name] = None
+            while len(self._declared) > self.REMEMBERED:
+                self._declared.popitem(last=False)
+        while True:
+            channel = self._open()
             try:
-                return _decide(confirms, channel, name, kept, place, mark, deadline)
+                tag = channel.basic_consume(lock, callback=_never, exclusive=True)
+            except (amqp_errors.AccessRefused, amqp_errors.ResourceLocked,
+                    amqp_errors.NotFound) as exc:
+                self._channel = None  # the broker closed it
+                if isinstance(exc, amqp_errors.NotFound):  # expired since we declared it
+                    self._declared.pop(name, None)
+                    return self.is_copy(delivery, deadline)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"could not claim the run of workflow message {key}") from None
+                time.sleep(0.002)  # another copy's slot holds the claim for a moment
+                continue
+            try:
+                kept = channel.basic_get(name, no_ack=False)
+                return _decide(self.confirms, channel, name, kept, place, mark, deadline)
+            except BaseException:
+                self._drop()  # closing it gives back what we held, and the lock
+                raise
             finally:
-                if channel.is_open:
-                    channel.close()  # gives back what we did not ack, and the lock
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"could not claim the run of workflow message {key}")
-        time.sleep(0.002)  # another copy's slot holds the claim for a moment
+                if self._channel is not None:
+                    channel.basic_cancel(tag)  # the lock goes
+
+    def _open(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            self._channel = self.connection.channel()
+            self._channel.auto_decode = False
+        return self._channel
+
+    def _drop(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and channel.is_open:
+            channel.close()
+
+
+def _never(message: Any) -> None:
+    """Nothing is ever published to a lock queue: its exclusive consumer is the lock."""
 
 
 def _claim_of(header: Any) -> tuple[str, int, str] | None:
@@ -110,22 +162,6 @@ def _claim_of(header: Any) -> tuple[str, int, str] | None:
         return None
 
 
-def _hold(connection: Any, name: str) -> tuple[Any, Any] | None:
-    """The claim queue under our lock: (the channel holding it, the claim kept there or
-    None); None if another holds the lock."""
-    channel = connection.channel()
-    channel.auto_decode = False
-    kept: list[Any] = []
-    try:
-        channel.basic_consume(name, callback=kept.append, exclusive=True)
-        # The claim (if any) is pushed as we start consuming; a round trip with the channel
-        # after that returns only once what it pushed has been written to us.
-        channel.basic_qos(0, 1, False)
-    except (amqp_errors.AccessRefused, amqp_errors.ResourceLocked, amqp_errors.NotFound):
-        return None  # the broker closed that channel
-    return channel, (kept[0] if kept else None)
-
-
 def _decide(confirms: ConfirmChannel, channel: Any, name: str, kept: Any, place: int,
             mark: str, deadline: float) -> bool:
     if kept is not None:
@@ -133,10 +169,10 @@ def _decide(confirms: ConfirmChannel, channel: Any, name: str, kept: Any, place:
             kept_place, kept_mark = json.loads(bytes(kept.body))
         except (ValueError, TypeError):
             kept_place, kept_mark = None, None  # not a claim: replaced by ours
-        if kept_mark == mark:
-            return False  # this copy's own claim: it was delivered again, it runs
-        if isinstance(kept_place, int) and kept_place >= place:
-            return True
+        if kept_mark == mark or (isinstance(kept_place, int) and kept_place >= place):
+            channel.basic_reject(kept.delivery_tag, requeue=True)
+            # our own claim: this copy was delivered again after its slot died, it runs
+            return bool(kept_mark != mark)
         channel.basic_ack(kept.delivery_tag)
     seq = confirms.send(json.dumps([place, mark]).encode(), {"delivery_mode": 2}, "", name,
                         None)

@@ -103,6 +103,7 @@ class SlotPublisher:
             raise
         bound(self.connection).relax()
         self.input = Input(self.connection)
+        self.claims = flows.Claims(self.connection, self.confirms, self.config.workflow_expires)
         #: The most a message's encoded properties may take: its header frame must fit in
         #: one frame (frame_max, less the frame's 8 bytes and the header's own 12).
         #: Rate queues declared, and when to declare each again (monotonic).
@@ -243,8 +244,7 @@ class SlotPublisher:
     def is_copy(self, delivery: Delivery) -> bool:
         deadline = time.monotonic() + self.config.publish_timeout
         with bound(self.connection).until(deadline):
-            return flows.is_copy(self.connection, self.confirms, delivery,
-                                 self.config.workflow_expires, deadline)
+            return self.claims.is_copy(delivery, deadline)
 
     def record_lost(self, name: str) -> None:
         """Count one lost run of the message whose count is ``name`` (see :mod:`lost`)."""

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .broker.base import BeatLink
-from .errors import BrokerError, ConfigurationError
+from .errors import ConfigurationError
 from .schedules import Entry, fire_id, plan
 
 if TYPE_CHECKING:
@@ -192,17 +192,7 @@ class Beat:
 def open_link(app: App) -> BeatLink:
     """A beat link, or a one-line BrokerError if the broker can't be reached."""
     broker = app.broker
-    try:
-        return broker.beat_link(timeout=app.config.publish_timeout)
-    except BrokerError:
-        raise
-    except Exception as exc:
-        if not broker.is_recoverable(exc):
-            raise
-        raise BrokerError(
-            f"could not reach the broker at {broker.display_url} ({broker.describe(exc)}). "
-            f"{broker.unreachable_hint}"
-        ) from None
+    return broker.reach(lambda: broker.beat_link(timeout=app.config.publish_timeout))
 
 
 def listing(app: App) -> list[tuple[str, str, str, str, str]]:

@@ -15,7 +15,6 @@ from typing import Any
 from .app import App
 from .broker.base import Admin, DeadLetter
 from .copies import replayed
-from .errors import BrokerError
 from .message import Delivery, bounded_repr, parse_body
 
 
@@ -70,17 +69,7 @@ class DeadLetters:
 
     def _admin(self) -> Admin:
         broker = self.app.broker
-        try:
-            return broker.admin(timeout=self.app.config.publish_timeout)
-        except BrokerError:
-            raise
-        except Exception as exc:
-            if not broker.is_recoverable(exc):
-                raise
-            raise BrokerError(
-                f"could not reach the broker at {broker.display_url} ({broker.describe(exc)}). "
-                f"{broker.unreachable_hint}"
-            ) from None
+        return broker.reach(lambda: broker.admin(timeout=self.app.config.publish_timeout))
 
     def name(self, queue: str) -> str:
         return self.app.broker.dead_letter_name(work_queue_name(queue))

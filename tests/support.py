@@ -377,7 +377,38 @@ class SqliteBroker(Broker):
             db.close()
 
 
-class WorkerProcess:
+class ChildProcess:
+    """A real ``taskq`` subprocess leading its own process group, its log in a file."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: Any
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9 the whole process group (for a worker: supervisor, forkserver, slots)."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, then kill -9 if it has not exited within 20 s; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        # the whole process group, in case a child outlived its leader
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+        return self.proc.returncode
+
+
+class WorkerProcess(ChildProcess):
     """A real ``taskq worker`` subprocess with its log captured to a file."""
 
     def __init__(self, broker: Broker, app: str, queues: list[str], log_path: Path,
@@ -402,9 +433,6 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait_ready(self, timeout: float = 30) -> WorkerProcess:
         """Ready = the broker sees one consumer per slot on each queue."""
         def consuming() -> bool:
@@ -426,23 +454,6 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"worker did not exit within {timeout}s:\n{self.log()}") from None
 
-    def kill(self) -> None:
-        """kill -9 the whole worker: supervisor, forkserver and slot processes."""
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        # the whole process group, in case a child outlived its supervisor
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
 
 
 def run_taskq(*args: str, env: dict[str, str] | None = None, timeout: float = 60,

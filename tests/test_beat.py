@@ -19,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from taskq.beat import TAKEOVER
 from taskq.schedules import CRON_EXTRA, GRACE, Entry, fire_id, make_entry, plan
 
 from .apps import basic, scheduled
-from .support import ROOT, Broker, WorkerProcess, run_taskq, unique, wait_for
+from .support import ROOT, Broker, ChildProcess, WorkerProcess, run_taskq, unique, wait_for
 
 APP = "tests.apps.scheduled:app"
 EVERY = 0.5
@@ -46,7 +45,7 @@ FIRED = re.compile(r"beat: fired (\S+) \((\S+)\[(\S+)\]\) due (\S+)")
 # -- beat processes and what they leave behind ------------------------------------------------
 
 
-class BeatProcess:
+class BeatProcess(ChildProcess):
     """A real ``taskq beat`` subprocess with its log captured to a file."""
 
     def __init__(self, broker: Broker, env: dict[str, str], log_path: Path, *args: str) -> None:
@@ -57,9 +56,6 @@ class BeatProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "taskq", "beat", "-A", APP, *args], cwd=ROOT,
             env=environment, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def wait_log(self, text: str, timeout: float = 20) -> None:
         def found() -> bool:
@@ -75,20 +71,6 @@ class BeatProcess:
         return "active" if "beat: active for" in log or "beat: took over" in log else \
             "standby" if "beat: standby" in log else None
 
-    def kill(self) -> None:
-        with suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-        return self.proc.returncode
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..config import Config
+from ..errors import BrokerError
 from ..message import Delivery, Envelope, with_parts
 
 DeliveryCallback = Callable[[Delivery], None]
+L = TypeVar("L")
 
 
 class Readiness(Protocol):
@@ -485,6 +487,21 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def leave_broadcasts(self, hostname: str, timeout: float) -> None:
         """The worker stops: its broadcast queue goes (with what it had not run)."""
+
+    def reach(self, open_link: Callable[[], L]) -> L:
+        """``open_link()``, with a broker that can't be reached said in one line (a
+        BrokerError naming the broker and what to check), for the CLI's commands."""
+        try:
+            return open_link()
+        except BrokerError:
+            raise
+        except Exception as exc:
+            if not self.is_recoverable(exc):
+                raise
+            raise BrokerError(
+                f"could not reach the broker at {self.display_url} ({self.describe(exc)}). "
+                f"{self.unreachable_hint}"
+            ) from None
 
     @abc.abstractmethod
     def is_recoverable(self, exc: BaseException) -> bool:

@@ -10,26 +10,17 @@ import click
 from ..errors import TaskqError
 from ..loading import load_app
 from ..logs import setup_logging
-from .worker import LEVELS
+from .worker import loglevel_option
 
 APP_HELP = "The app whose schedule to run, as module:attribute (e.g. tasks:app). [env: TASKQ_APP]"
 LIST_HELP = "Print the schedule (each entry's last fire and next due time) and exit."
-LOGLEVEL_HELP = "Log level."
 HEADERS = ("NAME", "TASK", "SCHEDULE", "LAST FIRED", "NEXT DUE")
 
 
 @click.command()
 @click.option("-A", "--app", "app_spec", envvar="TASKQ_APP", required=True, help=APP_HELP)
 @click.option("--list", "show", is_flag=True, help=LIST_HELP)
-@click.option(
-    "-l",
-    "--loglevel",
-    type=click.Choice(LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    envvar="TASKQ_LOGLEVEL",
-    help=LOGLEVEL_HELP,
-)
+@loglevel_option
 def beat(app_spec: str, show: bool, loglevel: str) -> None:
     """Send the app's periodic tasks when they are due.
 

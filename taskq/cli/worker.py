@@ -40,6 +40,18 @@ BEAT_HELP = (
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+#: ``-l/--loglevel``, as every long-running command takes it.
+loglevel_option = click.option(
+    "-l",
+    "--loglevel",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    envvar="TASKQ_LOGLEVEL",
+    help=LOGLEVEL_HELP,
+)
+
+
 @click.command()
 @click.option("-A", "--app", "app_spec", envvar="TASKQ_APP", required=True, help=APP_HELP)
 @click.option("-Q", "--queues", envvar="TASKQ_QUEUES", help=QUEUES_HELP)
@@ -58,15 +70,7 @@ LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
     show_default=True,
     help=POOL_HELP,
 )
-@click.option(
-    "-l",
-    "--loglevel",
-    type=click.Choice(LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    envvar="TASKQ_LOGLEVEL",
-    help=LOGLEVEL_HELP,
-)
+@loglevel_option
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help=TIME_LIMIT_HELP)
 @click.option(
     "--soft-time-limit", type=click.FloatRange(min=0, min_open=True), help=SOFT_TIME_LIMIT_HELP

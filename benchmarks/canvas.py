@@ -430,12 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.suite import git_revision, versions
+    from benchmarks.suite import _interrupt, git_revision, versions
 
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL

@@ -14,6 +14,8 @@ from typing import Any
 
 from celery import Celery
 
+from benchmarks.celery_tasks import CONTRACT
+
 ADD, TSUM = "benchmarks.add", "benchmarks.tsum"
 
 
@@ -30,17 +32,9 @@ def make_app(broker_url: str, backend_url: str, prefix: str,
     app = Celery("benchmarks-canvas", broker=broker_url, backend=backend_url,
                  set_as_current=False)
     app.conf.update(
-        task_acks_late=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options={"confirm_publish": True},
-        task_default_delivery_mode="persistent",
+        CONTRACT,
         # The chain's later steps are sent by the worker to its own default queue.
         task_default_queue=queue,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
         result_backend_transport_options={"global_keyprefix": prefix},
         result_expires=3600,  # keys left behind by a killed run go away by themselves
     )

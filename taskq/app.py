@@ -411,7 +411,8 @@ class App:
             if batch is not None:
                 self.producer.check_size(envelope)
                 batch.envelopes.append(envelope)
-                batch.expected[envelope.task_id] = list(expected)
+                if list(expected) != [envelope.task_id]:  # a workflow's: another id waited on
+                    batch.expected[envelope.task_id] = list(expected)
                 return
             self.producer.send(envelope)
         except BaseException:
@@ -555,7 +556,7 @@ class App:
     def _forget(self, batch: Batch, envelopes: list[Envelope]) -> None:
         if self._replies is not None:
             for envelope in envelopes:
-                for task_id in batch.expected.get(envelope.task_id, ()):
+                for task_id in batch.expected.get(envelope.task_id, (envelope.task_id,)):
                     self._replies.forget(task_id)
 
     def _after_fork_in_child(self) -> None:
@@ -580,7 +581,8 @@ class Batch:
 
     def __init__(self) -> None:
         self.envelopes: list[Envelope] = []
-        #: Task id of a message -> the results waited on through it (forgotten if not sent).
+        #: Task id of a message -> the results waited on through it, where that is not its
+        #: own id (forgotten if it is not sent).
         self.expected: dict[str, list[str]] = {}
 
     def __len__(self) -> int:

@@ -118,7 +118,8 @@ class ClientConnection(ClientLink):
         self._check(seq, envelope)
 
     def _send(self, envelope: Envelope) -> int:
-        envelope = flows.marked(envelope)  # a workflow's: one copy runs (see flows)
+        if envelope.once:  # a workflow's: one copy runs (see flows)
+            envelope = flows.marked(envelope)
         exchange, routing_key = delays.route(self.channel.channel, envelope, self.declared)
         return self.channel.send_envelope(envelope, exchange, routing_key)
 

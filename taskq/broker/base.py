@@ -13,6 +13,9 @@ heartbeats, channel errors or dead-letter naming rules outside a broker's packag
   :meth:`~SlotLink.requeue_lost`.
 * :class:`Admin`: dead letters, for ``taskq dlq``.
 * :class:`BeatLink`: a scheduler's (``taskq beat``): who is active, what was fired.
+* :class:`ControlLink`: Celery's monitoring protocols (events, remote control) and the
+  revocations kept in the broker: for a worker's monitor and for ``taskq status``/
+  ``inspect``/``events``/``revoke``.
 * :class:`WorkerSupport`: what a worker's supervisor does for its slots (what a dead slot
   leaves behind).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+import select
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -322,6 +326,115 @@ class Admin(abc.ABC):
     def purge(self, queue: str) -> int:
         """Delete every dead letter of ``queue``; how many."""
 
+    @abc.abstractmethod
+    def queue_stats(self, queues: Iterable[str]) -> list[QueueStats]:
+        """What the broker can tell of each of ``queues`` that exists (``taskq status``)."""
+
+    def known_queues(self) -> list[str]:
+        """The work queues the broker can list by itself ([] where it can't: AMQP)."""
+        return []
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What the broker can tell of one queue now (None: it can't)."""
+
+    name: str
+    ready: int
+    unacked: int | None = None
+    consumers: int | None = None
+    dead: int | None = None
+    #: Seconds since the oldest ready message was sent.
+    oldest: float | None = None
+
+
+class ControlLink(abc.ABC):
+    """Celery's monitoring protocols, on the broker: events and remote control (pidbox).
+
+    Bodies are Celery's, as dicts; the broker carries them as Celery's tools expect (on
+    RabbitMQ: the ``celeryev`` and ``celery.pidbox`` exchanges, so Flower and ``celery
+    inspect`` see taskq workers). Used by one thread; :attr:`input` says when to
+    :meth:`drain`. Also keeps revocations for a bounded time, for workers that start later.
+    """
+
+    input: Readiness
+    tick_interval: float = 1.0
+
+    def __enter__(self) -> ControlLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- events
+    @abc.abstractmethod
+    def send_events(self, events: Sequence[dict[str, Any]]) -> None:
+        """Publish events (best effort: nobody need listen, nothing waits for them)."""
+
+    @abc.abstractmethod
+    def watch_events(self) -> None:
+        """Receive the events sent from now on (:meth:`events`)."""
+
+    # -- remote control
+    @abc.abstractmethod
+    def serve(self, node: str) -> None:
+        """Receive the commands broadcast from now on, as worker ``node`` (:meth:`commands`);
+        each says itself whom it is for (``destination``)."""
+
+    @abc.abstractmethod
+    def answer(self, command: dict[str, Any], node: str, value: Any) -> None:
+        """Send ``{node: value}`` to whoever sent ``command`` (if it wants replies)."""
+
+    @abc.abstractmethod
+    def call(self, method: str, arguments: dict[str, Any], *,
+             destination: Sequence[str] | None = None, reply: bool = True,
+             timeout: float = 1.0) -> str:
+        """Broadcast a command; returns its ticket (its replies come to :meth:`replies`)."""
+
+    @abc.abstractmethod
+    def drain(self) -> None:
+        """File what arrived (events, commands, replies); never blocks."""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events filed so far (taken)."""
+        taken, self._events[:] = list(self._events), []
+        return taken
+
+    def commands(self) -> list[dict[str, Any]]:
+        taken, self._commands[:] = list(self._commands), []
+        return taken
+
+    def replies(self, ticket: str) -> list[dict[str, Any]]:
+        return self._replies.pop(ticket, [])
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for input, and file it."""
+        if not self.input.buffered():
+            poller = select.poll()
+            poller.register(self.input.fileno(), select.POLLIN)
+            poller.poll(max(0, int(timeout * 1000)))
+        self.drain()
+
+    # -- revocations
+    @abc.abstractmethod
+    def store_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        """Keep ``task_ids`` as revoked until ``until`` (a time.time()); returns once kept."""
+
+    @abc.abstractmethod
+    def revoked(self) -> dict[str, float]:
+        """The revocations kept now: ``{task_id: until}``."""
+
+    @abc.abstractmethod
+    def tick(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+        self._commands: list[dict[str, Any]] = []
+        self._replies: dict[str, list[dict[str, Any]]] = {}
+
 
 class BeatLink(abc.ABC):
     """A scheduler's link (``taskq beat``): which of the beats of a schedule is active, and
@@ -448,6 +561,10 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def admin(self, *, timeout: float) -> Admin: ...
+
+    @abc.abstractmethod
+    def control_link(self, *, timeout: float, name: str = "taskq control") -> ControlLink:
+        """A link for Celery's monitoring protocols (events, remote control, revocations)."""
 
     @abc.abstractmethod
     def beat_link(self, *, timeout: float) -> BeatLink:

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import time
 
 SIZE = 4096
 _LENGTH = struct.Struct("<I")
@@ -30,7 +31,8 @@ class RunRecord:
             os.close(fd)
 
     def write(self, label: str, data: bytes = b"") -> None:
-        payload = json.dumps({"label": label, "data": data.decode("latin-1")}).encode()
+        payload = json.dumps({"label": label, "data": data.decode("latin-1"),
+                              "at": time.time()}).encode()
         payload = payload[: SIZE - _LENGTH.size]
         self._map[0 : _LENGTH.size] = _LENGTH.pack(0)  # a reader in between sees nothing
         self._map[_LENGTH.size : _LENGTH.size + len(payload)] = payload
@@ -49,6 +51,16 @@ class RunRecord:
             return str(value["label"]), str(value["data"]).encode("latin-1")
         except (ValueError, KeyError, TypeError):
             return "", b""
+
+    def started(self) -> float | None:
+        """When the run recorded now started (time.time()), or None."""
+        (length,) = _LENGTH.unpack(self._map[0 : _LENGTH.size])
+        if not 0 < length <= SIZE - _LENGTH.size:
+            return None
+        try:
+            return float(json.loads(self._map[_LENGTH.size : _LENGTH.size + length])["at"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def close(self) -> None:
         self._map.close()

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ...config import Config
-from ..base import Admin, BeatLink, Broker, DeliveryCallback, WorkerSupport
+from ..base import Admin, BeatLink, Broker, ControlLink, DeliveryCallback, WorkerSupport
 from . import compat, letters, topology
 from .admin import QueueAdmin
 from .client import ClientConnection
@@ -110,6 +110,11 @@ class AmqpBroker(Broker):
 
     def admin(self, *, timeout: float) -> Admin:
         return QueueAdmin(self.connector, self.declared, timeout=timeout)
+
+    def control_link(self, *, timeout: float, name: str = "taskq control") -> ControlLink:
+        from .control import AmqpControl
+
+        return AmqpControl(self, timeout, name)
 
     def beat_link(self, *, timeout: float) -> BeatLink:
         from .beat import AmqpBeatLink

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from amqp import exceptions as amqp_errors
 
 from ...errors import BrokerError
 from ...message import Delivery, Envelope
-from ..base import Admin, DeadLetter
+from ..base import Admin, DeadLetter, QueueStats
 from . import letters, topology
 from .channel import ConfirmChannel
 from .connection import Connector, close_quietly
@@ -153,3 +153,28 @@ class QueueAdmin(Admin):
             return int(channel.queue_purge(dlq) or 0)
         finally:
             channel.close()
+
+    def _peek(self, queue: str) -> tuple[int, int] | None:
+        """(ready, consumers) of ``queue``, or None if there is no such queue."""
+        channel = self.connection.channel()
+        try:
+            _, count, consumers = channel.queue_declare(queue, passive=True)
+        except amqp_errors.NotFound:
+            return None
+        finally:
+            if channel.is_open:
+                channel.close()
+        return int(count), int(consumers)
+
+    def queue_stats(self, queues: Iterable[str]) -> list[QueueStats]:
+        # AMQP tells a queue's ready messages and consumers only (unacked and ages need the
+        # management plugin's HTTP API).
+        found = []
+        for queue in dict.fromkeys(queues):
+            seen = self._peek(queue)
+            if seen is None:
+                continue
+            dead = self._peek(topology.dead_letter_queue_name(queue))
+            found.append(QueueStats(queue, seen[0], None, seen[1],
+                                    dead[0] if dead is not None else 0))
+        return found

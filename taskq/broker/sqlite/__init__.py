@@ -24,7 +24,7 @@ from typing import Any
 from ...config import Config
 from ...errors import DeclarationConflict
 from ...routing import topic_matches
-from ..base import Admin, BeatLink, Broker, DeliveryCallback, WorkerSupport
+from ..base import Admin, BeatLink, Broker, ControlLink, DeliveryCallback, WorkerSupport
 from . import liveness
 from .names import member_queue
 from .store import Store, parse_url
@@ -200,6 +200,11 @@ class SqliteBroker(Broker):
         from .admin import SqliteAdmin
 
         return SqliteAdmin(self)
+
+    def control_link(self, *, timeout: float, name: str = "taskq control") -> ControlLink:
+        from .control import SqliteControl
+
+        return SqliteControl(self, timeout, name)
 
     def beat_link(self, *, timeout: float) -> BeatLink:
         from .beat import SqliteBeatLink

@@ -7,15 +7,18 @@ replay interrupted anywhere neither loses nor duplicates a letter.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BrokerError
 from ...message import Envelope
-from ..base import Admin, DeadLetter
+from ..base import Admin, DeadLetter, QueueStats
 from .client import insert_message
+from .names import is_member
 from .store import decode_props
+from .wake import queue_key
 
 if TYPE_CHECKING:
     from . import SqliteBroker
@@ -90,6 +93,44 @@ class SqliteAdmin(Admin):
         self._known(queue)
         with self.store.write() as conn:
             return int(conn.execute("DELETE FROM dead WHERE queue = ?", (queue,)).rowcount)
+
+
+    def known_queues(self) -> list[str]:
+        return [name for (name,) in self.store.read("SELECT name FROM queues ORDER BY name")
+                if not is_member(name)]
+
+    def queue_stats(self, queues: Iterable[str]) -> list[QueueStats]:
+        wanted = list(dict.fromkeys(queues))
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        now = time.time()
+        exists = {name for (name,) in self.store.read(
+            f"SELECT name FROM queues WHERE name IN ({marks})", wanted)}
+        counts: dict[str, list[Any]] = {q: [0, 0, None] for q in exists}
+        for queue, held, n, oldest in self.store.read(
+                f"SELECT queue, holder IS NOT NULL, COUNT(*), MIN(due) FROM messages "
+                f"WHERE queue IN ({marks}) AND (holder IS NOT NULL OR due <= ?) "
+                f"GROUP BY queue, holder IS NOT NULL", [*wanted, now]):
+            row = counts.setdefault(queue, [0, 0, None])
+            if held:
+                row[1] = n
+            else:
+                row[0], row[2] = n, oldest
+        dead = dict(self.store.read(
+            f"SELECT queue, COUNT(*) FROM dead WHERE queue IN ({marks}) GROUP BY queue", wanted))
+        return [
+            QueueStats(q, counts[q][0], counts[q][1], self._waiters(q), int(dead.get(q, 0)),
+                       max(0.0, now - counts[q][2]) if counts[q][2] is not None else None)
+            for q in wanted if q in counts
+        ]
+
+    def _waiters(self, queue: str) -> int:
+        """The slots waiting on ``queue``: their links in its wake-up folder."""
+        try:
+            return len(os.listdir(self.broker.wake_dir / queue_key(queue)))
+        except OSError:
+            return 0
 
 
 def _letter(queue: str, row: Any) -> DeadLetter:

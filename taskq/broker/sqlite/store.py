@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("taskq.broker")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: A commit that finds this many pages in the write-ahead log copies them into the file
 #: itself (a checkpoint, with an fsync at ``normal``) before it returns. A running worker
 #: checkpoints in the background every :data:`CHECKPOINT_EVERY` seconds, so with a worker up
@@ -101,6 +101,12 @@ CREATE TABLE chord_parts (chord TEXT NOT NULL, idx INTEGER NOT NULL, body BLOB N
 CREATE TABLE sent (task_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE beat (schedule TEXT NOT NULL, entry TEXT NOT NULL, last_due REAL NOT NULL,
                    PRIMARY KEY (schedule, entry));
+CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE commands (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE command_replies (id INTEGER PRIMARY KEY, ticket TEXT NOT NULL, at REAL NOT NULL,
+                              body TEXT NOT NULL);
+CREATE INDEX command_replies_ticket ON command_replies (ticket);
+CREATE TABLE revoked (task_id TEXT PRIMARY KEY, until REAL NOT NULL);
 """
 
 
@@ -125,6 +131,15 @@ CREATE TABLE chord_parts (chord TEXT NOT NULL, idx INTEGER NOT NULL, body BLOB N
 CREATE TABLE sent (task_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE beat (schedule TEXT NOT NULL, entry TEXT NOT NULL, last_due REAL NOT NULL,
                    PRIMARY KEY (schedule, entry));
+""",
+    # 3 → 4: Celery's monitoring protocols (events, remote control), revocations.
+    "3": """
+CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE commands (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE command_replies (id INTEGER PRIMARY KEY, ticket TEXT NOT NULL, at REAL NOT NULL,
+                              body TEXT NOT NULL);
+CREATE INDEX command_replies_ticket ON command_replies (ticket);
+CREATE TABLE revoked (task_id TEXT PRIMARY KEY, until REAL NOT NULL);
 """,
 }
 

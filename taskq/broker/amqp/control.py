@@ -1,0 +1,230 @@
+"""Celery's monitoring protocols on RabbitMQ, as Celery declares them, so that Flower,
+``celery events`` and ``celery inspect``/``control`` work with taskq workers unchanged.
+
+* Events: JSON messages to the topic exchange ``celeryev`` (durable), routing key the type
+  with dots (``task.succeeded``), transient, header ``hostname``. A watcher's queue is
+  exclusive and bound with ``#``.
+* Remote control (kombu's pidbox, namespace ``celery``): commands go to the fanout exchange
+  ``celery.pidbox`` (not durable); a worker consumes ``<node>.celery.pidbox`` (auto-delete,
+  expires 10 s, message TTL 300 s, as Celery's worker declares it). Replies ``{node: value}``
+  go to the direct exchange ``reply.celery.pidbox``, routing key the sender's id, header
+  ``ticket``; the sender reads ``<oid>.reply.celery.pidbox``.
+* Revocations: persistent messages in the durable queue ``taskq.revoked``, one per task id
+  with its own expiration (RabbitMQ drops it then); read by taking every message without an
+  ack and closing the channel (they go back).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from amqp import Message
+
+from ..base import ControlLink
+from .connection import bound, close_quietly
+from .consumer import plain_channel
+from .frames import Input, read_waiting
+
+if TYPE_CHECKING:
+    from . import AmqpBroker
+
+EVENT_EXCHANGE = "celeryev"
+PIDBOX_EXCHANGE, REPLY_EXCHANGE = "celery.pidbox", "reply.celery.pidbox"
+NODE_QUEUE_ARGUMENTS = {"x-expires": 10_000, "x-message-ttl": 300_000}
+REPLY_QUEUE_ARGUMENTS = {"x-expires": 10_000, "x-message-ttl": 10_000}
+REVOKED_QUEUE = "taskq.revoked"
+#: Revocations kept at most (the oldest go first).
+REVOKED_MAX = 100_000
+JSON = "application/json"
+
+
+class AmqpControl(ControlLink):
+    def __init__(self, broker: AmqpBroker, timeout: float, name: str) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self.connection = broker.connector.connect_once(timeout=timeout, name=name)
+        self.bound = bound(self.connection)
+        try:
+            with self.bound.until(self._deadline()):
+                self.channel = plain_channel(self.connection)
+        except BaseException:
+            close_quietly(self.connection)
+            raise
+        self.bound.set(timeout)
+        self.input = Input(self.connection)
+        heartbeat = float(self.connection.heartbeat or 0)
+        self.tick_interval = heartbeat / 4 if heartbeat else 1.0
+        self.oid = uuid.uuid4().hex
+        self._declared: set[str] = set()
+        self._clock = 0
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def _exchange(self, name: str, kind: str, durable: bool) -> None:
+        if name not in self._declared:
+            self.channel.exchange_declare(name, kind, durable=durable, auto_delete=False)
+            self._declared.add(name)
+
+    def _publish(self, body: Any, exchange: str, routing_key: str,
+                 headers: dict[str, Any], delivery_mode: int = 1, **props: Any) -> None:
+        message = Message(json.dumps(body, default=str).encode(), content_type=JSON,
+                          content_encoding="utf-8", delivery_mode=delivery_mode,
+                          application_headers=headers, **props)
+        self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def send_events(self, events: Sequence[dict[str, Any]]) -> None:
+        with self.bound.until(self._deadline()):
+            self._exchange(EVENT_EXCHANGE, "topic", durable=True)
+            for event in events:
+                self._publish(event, EVENT_EXCHANGE, str(event.get("type", "")).replace("-", "."),
+                              {"hostname": event.get("hostname")})
+
+    def watch_events(self) -> None:
+        with self.bound.until(self._deadline()):
+            self._exchange(EVENT_EXCHANGE, "topic", durable=True)
+            queue = f"celeryev.taskq.{self.oid}"
+            self.channel.queue_declare(queue, durable=False, exclusive=True, auto_delete=True)
+            self.channel.queue_bind(queue, EVENT_EXCHANGE, "#")
+            self.channel.basic_consume(queue, no_ack=True,
+                                       callback=lambda m: self._file(self._events, m))
+
+    # -- remote control --------------------------------------------------------------------
+
+    def serve(self, node: str) -> None:
+        queue = f"{node}.celery.pidbox"
+        with self.bound.until(self._deadline()):
+            self._exchange(PIDBOX_EXCHANGE, "fanout", durable=False)
+            self.channel.queue_declare(queue, durable=False, exclusive=False, auto_delete=True,
+                                       arguments=NODE_QUEUE_ARGUMENTS)
+            self.channel.queue_bind(queue, PIDBOX_EXCHANGE, "")
+            self.channel.basic_consume(queue, no_ack=True, callback=self._on_command)
+
+    def _on_command(self, message: Any) -> None:
+        body = _decoded(message)
+        expires = (message.properties.get("application_headers") or {}).get("expires")
+        if isinstance(expires, (int, float)) and expires and expires < time.time():
+            return  # Celery's rule: a command past its expiry is dropped
+        if body:
+            self._commands.append(body)
+
+    def answer(self, command: dict[str, Any], node: str, value: Any) -> None:
+        reply_to, ticket = command.get("reply_to"), command.get("ticket")
+        if not isinstance(reply_to, dict) or not isinstance(ticket, str):
+            return
+        self._clock += 1
+        with self.bound.until(self._deadline()):
+            self._exchange(REPLY_EXCHANGE, "direct", durable=False)
+            self._publish({node: value}, str(reply_to.get("exchange") or REPLY_EXCHANGE),
+                          str(reply_to.get("routing_key") or ""),
+                          {"ticket": ticket, "clock": self._clock})
+
+    def call(self, method: str, arguments: dict[str, Any], *,
+             destination: Sequence[str] | None = None, reply: bool = True,
+             timeout: float = 1.0) -> str:
+        ticket = uuid.uuid4().hex
+        body: dict[str, Any] = {"method": method, "arguments": arguments,
+                                "destination": list(destination) if destination else None,
+                                "pattern": None, "matcher": None}
+        self._clock += 1
+        with self.bound.until(self._deadline()):
+            self._exchange(PIDBOX_EXCHANGE, "fanout", durable=False)
+            if reply:
+                self._reply_queue()
+                body.update(ticket=ticket,
+                            reply_to={"exchange": REPLY_EXCHANGE, "routing_key": self.oid})
+            self._publish(body, PIDBOX_EXCHANGE, "",
+                          {"clock": self._clock, "expires": time.time() + timeout})
+        return ticket
+
+    def _reply_queue(self) -> None:
+        queue = f"{self.oid}.reply.celery.pidbox"
+        if queue in self._declared:
+            return
+        self._exchange(REPLY_EXCHANGE, "direct", durable=False)
+        self.channel.queue_declare(queue, durable=False, exclusive=False, auto_delete=True,
+                                   arguments=REPLY_QUEUE_ARGUMENTS)
+        self.channel.queue_bind(queue, REPLY_EXCHANGE, self.oid)
+        self.channel.basic_consume(queue, no_ack=True, callback=self._on_reply)
+        self._declared.add(queue)
+
+    def _on_reply(self, message: Any) -> None:
+        ticket = (message.properties.get("application_headers") or {}).get("ticket")
+        body = _decoded(message)
+        if isinstance(ticket, str) and body:
+            self._replies.setdefault(ticket, []).append(body)
+
+    def _file(self, into: list[dict[str, Any]], message: Any) -> None:
+        body = _decoded(message)
+        if body:
+            into.append(body)
+
+    def drain(self) -> None:
+        with self.bound.until(self._deadline()):
+            read_waiting(self.connection, self.input.waiting)
+
+    # -- revocations -----------------------------------------------------------------------
+
+    def _revoked_queue(self, channel: Any) -> None:
+        channel.queue_declare(REVOKED_QUEUE, durable=True, exclusive=False, auto_delete=False,
+                              arguments={"x-max-length": REVOKED_MAX})
+
+    def store_revoked(self, task_ids: Sequence[str], until: float) -> None:
+        with self.bound.until(self._deadline()):
+            channel = plain_channel(self.connection)
+            try:
+                channel.confirm_select()
+                self._revoked_queue(channel)
+                ttl = max(1, int((until - time.time()) * 1000))
+                for task_id in task_ids:
+                    message = Message(json.dumps({"task_id": task_id, "until": until}).encode(),
+                                      content_type=JSON, delivery_mode=2, expiration=str(ttl))
+                    channel.basic_publish_confirm(message, exchange="", routing_key=REVOKED_QUEUE)
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+    def revoked(self) -> dict[str, float]:
+        found: dict[str, float] = {}
+        now = time.time()
+        with self.bound.until(self._deadline()):
+            channel = plain_channel(self.connection)
+            try:
+                self._revoked_queue(channel)
+                while (message := channel.basic_get(REVOKED_QUEUE, no_ack=False)) is not None:
+                    body = _decoded(message)
+                    task_id, until = body.get("task_id"), body.get("until")
+                    if isinstance(task_id, str) and isinstance(until, (int, float)) \
+                            and until >= now:
+                        found[task_id] = max(float(until), found.get(task_id, 0.0))
+            finally:
+                if channel.is_open:
+                    channel.close()  # what it took goes back
+        return found
+
+    def tick(self) -> None:
+        with self.bound.until(self._deadline()):
+            self.connection.heartbeat_tick()
+
+    def close(self) -> None:
+        close_quietly(self.connection)
+
+
+def _decoded(message: Any) -> dict[str, Any]:
+    body = message.body
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            return {}
+    try:
+        value = json.loads(body)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -71,6 +71,10 @@ class Config:
     #: beat``): its beats share one active scheduler and one record of what was fired. Apps
     #: with different schedules on one broker (vhost or file) need different names.
     beat_name: str = "default"
+    #: How long the broker keeps a revocation (seconds), so that a worker that gets the
+    #: task later (a countdown, a worker started later) still refuses it. A task revoked
+    #: with a countdown longer than this may run.
+    revoke_expires: float = 7 * 24 * 3600.0
     #: Extra worker-side defaults: hard and soft time limits in seconds (None: no limit).
     time_limit: float | None = None
     soft_time_limit: float | None = None

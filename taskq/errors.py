@@ -147,6 +147,11 @@ class TaskExpired(TaskFailure):
     """The task was past its ``expires`` time when a worker received it; it was not run."""
 
 
+class TaskRevoked(TaskFailure):
+    """The task was revoked (``AsyncResult.revoke()``, ``taskq revoke``): it did not run, or
+    was stopped while it ran."""
+
+
 class MaxRetriesExceededError(TaskFailure):
     """``self.retry()`` was called after ``max_retries`` retries, with no exception to report."""
 
@@ -181,6 +186,7 @@ KNOWN_FAILURES: dict[str, type[BaseException]] = {
         TimeLimitExceeded,
         SoftTimeLimitExceeded,
         TaskExpired,
+        TaskRevoked,
         MaxRetriesExceededError,
         ChordError,
         Unroutable,
@@ -189,4 +195,5 @@ KNOWN_FAILURES: dict[str, type[BaseException]] = {
         DecodeError,
     )
 }
+KNOWN_FAILURES["TaskRevokedError"] = TaskRevoked  # Celery's name
 KNOWN_FAILURE_MODULES = frozenset({__name__, "celery.exceptions", "billiard.exceptions"})

@@ -116,4 +116,4 @@ def test_a_slot_on_several_queues_holds_one_message_and_serves_every_queue(
     assert [r.get(timeout=20) for r in queued] == [i + 1 for i in range(12)]
     for name in names:
         info = broker.queue_info(name)
-        assert (info["messages_ready"], info["messages_unacknowledged"]) == ("0", "0")
+        assert (info["messages_ready"], info["messages_unacknowledged"]) == ("0", "0"), (name, info)

@@ -37,6 +37,16 @@ BEAT_HELP = (
     "standing by while another beat is."
 )
 
+EVENTS_HELP = (
+    "Publish Celery's task and worker events (Flower, celery events, taskq events). Off by "
+    "default; Celery's enable_events/disable_events commands switch it at run time."
+)
+NODENAME_HELP = (
+    "The worker's node name for remote control and events, as Celery's -n: %h host, %n its "
+    "first label, %p the pid. [default: taskq-<pid>@<host>]"
+)
+METRICS_HELP = "Serve Prometheus metrics on this port (/metrics); needs taskq[metrics]."
+
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -89,6 +99,10 @@ loglevel_option = click.option(
     "--max-memory-per-child", type=click.FloatRange(min=0, min_open=True), help=MAX_MEMORY_HELP
 )
 @click.option("--beat", is_flag=True, help=BEAT_HELP)
+@click.option("-E", "--events", is_flag=True, envvar="TASKQ_EVENTS", help=EVENTS_HELP)
+@click.option("-n", "--hostname", "nodename", envvar="TASKQ_NODENAME", help=NODENAME_HELP)
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), envvar="TASKQ_METRICS_PORT",
+              help=METRICS_HELP)
 def worker(
     app_spec: str,
     queues: str | None,
@@ -103,6 +117,9 @@ def worker(
     max_tasks_per_child: int | None,
     max_memory_per_child: float | None,
     beat: bool,
+    events: bool,
+    nodename: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run tasks from the queues of an app.
 
@@ -131,6 +148,9 @@ def worker(
             max_tasks_per_child=max_tasks_per_child,
             max_memory_per_child=max_memory_per_child,
             beat=beat,
+            events=events,
+            nodename=nodename,
+            metrics_port=metrics_port,
         ).run()
     except TaskqError as exc:
         raise click.ClickException(str(exc)) from None

@@ -31,6 +31,7 @@ from ..hooks import FAILED, RETRIED, SUCCEEDED, TaskRun
 from ..message import (
     BROADCAST_HEADER,
     Delivery,
+    bounded_repr,
     exception_to_wire,
     parse_full_body,
     parse_time,
@@ -41,6 +42,9 @@ from ..task import Request, Task, current_request
 from . import flow
 
 log = logging.getLogger("taskq.task")
+
+#: The end of a traceback an event carries (characters).
+REPORTED_TRACE = 8000
 
 _OWN_FILES = frozenset({__file__, sys.modules[Request.__module__].__file__})
 
@@ -60,6 +64,8 @@ class Job(NamedTuple):
     time_limit: float | None
     soft_time_limit: float | None
     accept: tuple[str, ...]
+    #: Someone watches (events, metrics): the outcome carries :attr:`Outcome.report`.
+    report: bool = False
 
 
 class Outcome(NamedTuple):
@@ -79,6 +85,11 @@ class Outcome(NamedTuple):
     countdown: float = 0.0
     #: A workflow's next move, stored by the settle (see :mod:`taskq.worker.flow`).
     after: After | None = None
+    #: The task raised (kind "done": a FAILURE; "retry": the reason to retry).
+    failed: bool = False
+    #: For the worker's monitor when :attr:`Job.report`: Celery's event fields (``result``,
+    #: ``exception``, ``traceback``, ``runtime``).
+    report: dict[str, Any] | None = None
 
 
 def _serializer(content_type: str | None) -> tuple[str, str]:
@@ -97,7 +108,8 @@ def failure_outcome(
 ) -> Outcome:
     """A FAILURE decided outside the task (rejection, time limit): no traceback to send."""
     body = result_body("json", task_id, states.FAILURE, exception_to_wire(exc), worker=worker)
-    return Outcome(kind, body, "application/json", type(exc).__name__, str(exc))
+    return Outcome(kind, body, "application/json", type(exc).__name__, str(exc), failed=True,
+                   report={"exception": bounded_repr(exc), "traceback": ""})
 
 
 def reject(job: Job, exc: BaseException) -> Outcome:
@@ -144,6 +156,9 @@ def execute(app: App, job: Job, *, use_signals: bool = True) -> Outcome:
     runtime = time.perf_counter() - started
     try:
         outcome = _success(job, value, runtime)
+        if job.report:
+            outcome = outcome._replace(report={"result": bounded_repr(value),
+                                               "runtime": runtime})
         if embed and flow.is_flow(embed):
             outcome = outcome._replace(
                 after=flow.after_success(app, embed, job.headers, job.task_id, value))
@@ -189,6 +204,10 @@ def _handler(run: TaskRun, name: str, *args: Any) -> None:
 
 def _retried(app: App, run: TaskRun | None, job: Job, retry: Retry, runtime: float) -> Outcome:
     outcome = _retry_outcome(job, retry)
+    if job.report:
+        reason = retry.exc or retry
+        outcome = outcome._replace(report={"exception": bounded_repr(reason),
+                                           "traceback": _trace(reason)[-REPORTED_TRACE:]})
     if run is not None:
         run.outcome, run.runtime, run.exception = RETRIED, runtime, retry.exc or retry
         run.traceback = _trace(run.exception)
@@ -203,7 +222,11 @@ def _failed(
     embed: dict[str, Any] | None = None,
 ) -> Outcome:
     trace = _trace(exc)
-    outcome = _failure(job, exc, runtime, trace)
+    outcome = _failure(job, exc, runtime, trace)._replace(failed=True)
+    if job.report:
+        outcome = outcome._replace(report={"exception": bounded_repr(exc),
+                                           "traceback": trace[-REPORTED_TRACE:],
+                                           "runtime": runtime})
     if embed and flow.is_flow(embed):
         outcome = outcome._replace(
             after=flow.after_failure(app, embed, job.headers, job.task, job.task_id, exc,

@@ -23,6 +23,8 @@ class OutageLog:
         self._announced = False
         self._outage_started = float("-inf")
         self._lock = threading.Lock()
+        #: Slot reconnections so far (a lost link that came back), for the metrics.
+        self.reconnects = 0
 
     def connection_lost(self, slot: str, reason: str, opened_at: float | None = None) -> None:
         """``opened_at``: when the connection that failed was opened (monotonic clock)."""
@@ -47,6 +49,7 @@ class OutageLog:
             if slot not in self._lost:
                 return
             self._lost.discard(slot)
+            self.reconnects += 1
             done = not self._lost and self._announced
             if done:
                 self._announced = False

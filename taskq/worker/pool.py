@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing.reduction import recv_handle
 from typing import Any
 
@@ -29,7 +31,8 @@ class SlotProcess:
     """One slot process and the supervisor's handles on it."""
 
     def __init__(
-        self, context: Any, options: SlotOptions, index: int, support: WorkerSupport
+        self, context: Any, options: SlotOptions, index: int, support: WorkerSupport,
+        greeting: list[Any] | None = None,
     ) -> None:
         self.index = index
         self.name = f"slot-{index}"
@@ -46,10 +49,31 @@ class SlotProcess:
         child_end.close()
         self.started = time.monotonic()
         self.stopping = False
+        #: Stopping to be replaced at once (its queues changed).
+        self.replacing = False
+        #: Killed to stop a revoked task (``revoke(terminate=True)``).
+        self.terminated = False
+        #: The supervisor's thread and the monitor's both send.
+        self._sending = threading.Lock()
+        for message in greeting or ():
+            self.send(message)
 
-    def send(self, message: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
+    def send(self, message: Any) -> None:
+        with contextlib.suppress(OSError, ValueError), self._sending:
             self.control.send(message)
+
+    @property
+    def label(self) -> str:
+        return self.record.read()[0]
+
+    @property
+    def pid(self) -> int | None:
+        pid: int | None = self.process.pid
+        return pid
+
+    @property
+    def started_at(self) -> float | None:
+        return self.record.started()
 
     def describe_exit(self) -> str:
         code = self.process.exitcode
@@ -95,13 +119,16 @@ class SlotProcesses:
         concurrency: int,
         outages: OutageLog,
         support: WorkerSupport,
+        greeting: Callable[[], list[Any]] | None = None,
     ) -> None:
         self.options = options
         self.outages = outages
         self.support = support
+        self.greeting = greeting or (lambda: [])
         self.context: Any = forkserver_context(options.app_spec)
         self.slots = {
-            i: SlotProcess(self.context, options, i, support) for i in range(1, concurrency + 1)
+            i: SlotProcess(self.context, options, i, support, self.greeting())
+            for i in range(1, concurrency + 1)
         }
         self.restart_at: dict[int, float] = {}
         self.backoff: dict[int, float] = {}
@@ -113,6 +140,31 @@ class SlotProcesses:
 
     def running(self) -> list[str]:
         return [label for slot in self.slots.values() if (label := slot.running())]
+
+    def tell(self, message: Any) -> None:
+        """Send every slot a message from the monitor (see :mod:`.reports`)."""
+        for slot in list(self.slots.values()):
+            slot.send(message)
+
+    def kill_running(self, task_id: str) -> bool:
+        """Kill the slot process running ``task_id`` (revoke with terminate): the slot is
+        replaced, and the message, back in its queue, is refused as revoked."""
+        for slot in list(self.slots.values()):
+            if slot.label.endswith(f"[{task_id}]") and slot.process.is_alive():
+                log.warning("%s: terminating task %s (revoked): killing the slot process",
+                            slot.name, slot.label)
+                slot.terminated = True
+                slot.process.kill()
+                return True
+        return False
+
+    def reconsume(self, options: SlotOptions) -> None:
+        """Replace each slot, once it finished its task, by one that consumes ``options``'
+        queues."""
+        self.options = options
+        for slot in self.slots.values():
+            slot.replacing = True
+            slot.send(STOP)
 
     def stop_all(self) -> None:
         for slot in self.slots.values():
@@ -147,7 +199,8 @@ class SlotProcesses:
         for index, when in list(self.restart_at.items()):
             if time.monotonic() >= when:
                 del self.restart_at[index]
-                self.slots[index] = SlotProcess(self.context, self.options, index, self.support)
+                self.slots[index] = SlotProcess(self.context, self.options, index, self.support,
+                                                self.greeting())
 
     def _read_reports(self, slot: SlotProcess) -> None:
         with contextlib.suppress(EOFError, OSError):
@@ -173,7 +226,14 @@ class SlotProcesses:
         if slot.process.exitcode == FATAL_EXIT:
             self.fatal = self.fatal or f"{slot.name} stopped"
             return
+        if slot.replacing and not (slot.stopping or stopping):
+            self.restart_at[slot.index] = time.monotonic()
+            return
         if slot.stopping or stopping:
+            return
+        if slot.terminated:
+            log.info("%s: replaced after terminating a revoked task", slot.name)
+            self.restart_at[slot.index] = time.monotonic()
             return
         if code == RECYCLE_EXIT:  # it said why in its log; a new one starts now
             self.restart_at[slot.index] = time.monotonic()

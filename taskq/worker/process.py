@@ -114,3 +114,5 @@ def _listen(control: Connection, slot: Slot) -> None:
             os._exit(70)
         if message == STOP:
             slot.stop()
+        elif isinstance(message, tuple):
+            slot.watch.apply(message)  # from the worker's monitor (see .reports)

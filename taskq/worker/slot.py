@@ -19,6 +19,7 @@ itself, and this is what keeps a round trip close to the broker's own floor.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import select
@@ -30,13 +31,20 @@ from ..app import App
 from ..broker.base import NOTHING_AFTER, After, Reply, SlotLink
 from ..broker.records import RunRecord
 from ..copies import delayed, retry
-from ..errors import DeclarationConflict, TimeLimitExceeded, Unroutable, WorkerLostError
-from ..message import Delivery
+from ..errors import (
+    DeclarationConflict,
+    TaskRevoked,
+    TimeLimitExceeded,
+    Unroutable,
+    WorkerLostError,
+)
+from ..message import Delivery, bounded_repr, parse_full_body
 from ..rates import Pacer
 from ..task import Task
 from . import flow
 from .execute import Job, Outcome, answerer, execute, failure_outcome
 from .executor import ProcessExecutor, forkserver_context
+from .reports import Watch
 from .triage import Later, Refuse, SlotOptions, reply_to, triage
 
 log = logging.getLogger("taskq.worker")
@@ -106,6 +114,8 @@ class Slot:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._executor_changed = False
+        #: What the worker's monitor wants to hear, and which tasks are revoked.
+        self.watch = Watch(options.monitor_socket, index)
 
     # -- control -----------------------------------------------------------------------------
 
@@ -167,6 +177,7 @@ class Slot:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self.watch.close()
 
     def _connect(self) -> None:
         delay = 0.1
@@ -254,6 +265,7 @@ class Slot:
             now = time.monotonic()
             if now >= next_tick:
                 link.tick()
+                self.watch.flush()
                 next_tick = now + tick
 
     def _ready(self, link: SlotLink, poller: Any, next_tick: float) -> list[int]:
@@ -350,6 +362,9 @@ class Slot:
             )
             self.link.settle(delivery, None)
             return
+        if self.watch.is_revoked(delivery.task_id):
+            self._revoked(delivery)
+            return
         lost = self.link.lost_runs(delivery)
         decision = triage(delivery, self.app, self.options, self.name, lost)
         if isinstance(decision, Refuse):
@@ -381,13 +396,71 @@ class Slot:
                   delivery.task_name, delivery.task_id, task.options.rate_limit, wait)
         return True
 
-    def _running(self, delivery: Delivery, job: Job) -> None:
+    def _running(self, delivery: Delivery, job: Job) -> Job:
         assert self.link is not None
         self.current, self.current_link = delivery, self.link
         self.record.write(f"{job.task}[{job.task_id}]", self.link.run_record(delivery))
+        if not self.watch.watching:
+            return job
+        self._report_start(delivery, job)
+        return job._replace(report=True)
+
+    def _report_start(self, delivery: Delivery, job: Job) -> None:
+        try:
+            args, kwargs, _ = parse_full_body(delivery, job.accept)
+        except Exception:
+            args, kwargs = [], {}
+        headers = job.headers
+        self.watch.report("task-received", {
+            "uuid": job.task_id, "name": job.task, "args": bounded_repr(args),
+            "kwargs": bounded_repr(kwargs), **_small_values(args, kwargs),
+            "root_id": headers.get("root_id"),
+            "parent_id": headers.get("parent_id"), "retries": headers.get("retries") or 0,
+            "eta": headers.get("eta"), "expires": headers.get("expires"),
+            "queue": delivery.queue, "exchange": delivery.exchange,
+            "routing_key": delivery.routing_key or delivery.queue})
+        self.watch.report("task-started", {"uuid": job.task_id, "name": job.task,
+                                           "queue": delivery.queue})
+
+    def _account(self, delivery: Delivery, outcome: Outcome | None) -> None:
+        """Count what came of a run, and report it if someone watches."""
+        if outcome is None:
+            kind, event = "lost", ""
+        elif outcome.kind == "reject":
+            kind, event = "rejected", "task-rejected"
+        elif outcome.kind == "retry":
+            kind, event = "retried", "task-retried"
+        elif outcome.failed:
+            kind, event = "failed", "task-failed"
+        else:
+            kind, event = "succeeded", "task-succeeded"
+        name = delivery.task_name or "?"
+        self.watch.count(name, delivery.queue, kind)
+        if event and self.watch.watching:
+            fields = dict(outcome.report or {}) if outcome is not None else {}
+            if kind == "rejected" and outcome is not None:
+                fields.setdefault("exception", f"{outcome.exc_type}: {outcome.detail}")
+                fields["requeue"] = False
+            self.watch.report(event, {"uuid": delivery.task_id, "name": name,
+                                      "queue": delivery.queue, **fields})
+
+    def _revoked(self, delivery: Delivery) -> None:
+        """A revoked task's message: dead-lettered (reason ``revoked``), never run; its
+        caller gets TaskRevoked."""
+        assert self.link is not None
+        exc = TaskRevoked(f"task {delivery.task_name}[{delivery.task_id}] was revoked")
+        outcome = failure_outcome(delivery.task_id or "", exc, kind="reject",
+                                  worker=answerer(delivery.headers, self.options.hostname))
+        self._dead_letter(delivery, "TaskRevoked", "revoked",
+                          outcome._replace(after=self._flow_failure(delivery, exc)))
+        self.watch.count(delivery.task_name or "?", delivery.queue, "revoked")
+        self.watch.report("task-revoked", {"uuid": delivery.task_id,
+                                           "name": delivery.task_name, "queue": delivery.queue,
+                                           "terminated": False, "signum": None,
+                                           "expired": False})
 
     def _run_here(self, delivery: Delivery, job: Job) -> None:
-        self._running(delivery, job)
+        job = self._running(delivery, job)
         self.running_since = time.monotonic()
         try:
             outcome = execute(self.app, job, use_signals=self.main_thread)
@@ -400,7 +473,7 @@ class Slot:
             self._replace_executor()  # it died while idle, and the slot had not heard yet
         if self.executor is None:
             self.executor = self._new_executor()
-        self._running(delivery, job)
+        job = self._running(delivery, job)
         self.started_at = time.monotonic()
         self.hard_limit = hard_limit
         self.executor.submit(job)
@@ -449,6 +522,7 @@ class Slot:
                 self._settle(delivery, link, outcome)
         finally:
             self.record.clear()
+            self._account(delivery, outcome)
 
     def _settle(self, delivery: Delivery, link: SlotLink | None, outcome: Outcome) -> None:
         try:
@@ -467,7 +541,7 @@ class Slot:
                     self.link.settle(delivery, self._reply(delivery, outcome),
                                      outcome.after or NOTHING_AFTER)
                 except Unroutable as exc:  # a workflow's next message has nowhere to go
-                    self._reject(delivery, exc)
+                    self._reject(delivery, exc, account=False)
             elif outcome.kind == "reject":
                 self._dead_letter(delivery, outcome.exc_type, outcome.detail, outcome)
             else:
@@ -516,11 +590,13 @@ class Slot:
             link.reply(delivery, reply)
             del self.stashed[0]
 
-    def _reject(self, delivery: Delivery, exc: BaseException) -> None:
+    def _reject(self, delivery: Delivery, exc: BaseException, *, account: bool = True) -> None:
         outcome = failure_outcome(delivery.task_id or "", exc, kind="reject",
                                   worker=answerer(delivery.headers, self.options.hostname))
         self._dead_letter(delivery, type(exc).__name__, str(exc),
                           outcome._replace(after=self._flow_failure(delivery, exc)))
+        if account and self.current is None:  # refused before it ran (_finish counts runs)
+            self._account(delivery, outcome)
 
     def _flow_failure(self, delivery: Delivery, exc: BaseException) -> After | None:
         """A workflow's message that fails outside its task (rejected, stopped at its time
@@ -630,3 +706,18 @@ def resident_mib() -> float:
 
 def _run_key(delivery: Delivery) -> tuple[str, Any]:
     return (delivery.task_id or "", delivery.headers.get("retries") or 0)
+
+
+#: Arguments up to this size (as JSON) also reach ``inspect active`` as values, not reprs.
+SMALL_ARGUMENTS = 2048
+
+
+def _small_values(args: Any, kwargs: Any) -> dict[str, Any]:
+    """``{"args_value": ..., "kwargs_value": ...}`` when both are small JSON, else nothing."""
+    try:
+        text = json.dumps([args, kwargs])
+    except (TypeError, ValueError):
+        return {}
+    if len(text) > SMALL_ARGUMENTS:
+        return {}
+    return {"args_value": args, "kwargs_value": kwargs}

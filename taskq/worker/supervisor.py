@@ -14,6 +14,7 @@ tasks at once on N cores.  The supervisor starts the slots, starts a new one whe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing.connection
 import os
@@ -31,6 +32,7 @@ from ..broker.records import RunRecord
 from ..errors import ConfigurationError, DeclarationConflict, TaskqError
 from ..routing import check_binding
 from .heartbeat import Heartbeater
+from .monitor import Monitor, default_nodename
 from .outages import OutageLog
 from .pool import SlotProcesses
 from .slot import Slot
@@ -59,6 +61,9 @@ class Worker:
         max_tasks_per_child: int | None = None,
         max_memory_per_child: float | None = None,
         beat: bool = False,
+        events: bool = False,
+        nodename: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if pool not in POOLS:
             raise ConfigurationError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
@@ -103,6 +108,14 @@ class Worker:
         self._stop_deadline: float | None = None
         #: ``--beat``: the app's schedule, fired from a thread of this process.
         self.beat = BeatThread(app) if beat else None
+        self.events = events
+        self.nodename = expand_nodename(nodename) if nodename else default_nodename()
+        self.metrics_port = metrics_port
+        self.monitor: Monitor | None = None
+        self._pool: SlotProcesses | None = None
+        self._thread_slots: list[Slot] = []
+        self._wakeup_w = -1
+        self._new_options: SlotOptions | None = None
 
     # -- starting -----------------------------------------------------------------------------
 
@@ -114,8 +127,21 @@ class Worker:
             self.broker.bind(self.options.queues, self.binds, timeout)
         self.broker.join_broadcasts(self.options.hostname, self.options.queues, timeout)
         self.support = self.broker.worker_support(self.options.hostname, self.concurrency)
+        metrics = None
+        if self.metrics_port is not None:
+            from .metrics import Metrics
+
+            metrics = Metrics(self.app, self.metrics_port)
+        self.monitor = Monitor(self.app, self.options, self, nodename=self.nodename,
+                               concurrency=self.concurrency, events=self.events,
+                               metrics=metrics)
+        self.options = dataclasses.replace(self.options,
+                                           monitor_socket=self.monitor.socket_path)
         try:
             self.support.recover()
+            self.monitor.start()
+            if metrics is not None:
+                metrics.start(self.monitor)
             self._banner()
             self.app.hooks.call("on_worker_start", self.app.hooks.worker_start)
             if self.beat is not None:
@@ -126,6 +152,9 @@ class Worker:
         finally:
             if self.beat is not None:
                 self.beat.stop()
+            self.monitor.stop()
+            if metrics is not None:
+                metrics.stop()
             self.support.close()
             self._leave_broadcasts()
 
@@ -188,6 +217,9 @@ class Worker:
         )
         if self.binds:
             log.info("bound to routing keys matching %s", ", ".join(self.binds))
+        log.info("node name %s (remote control%s)%s", self.nodename,
+                 ", events on" if self.events else "",
+                 f"; metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
         if self.options.burst:
             log.info("--burst: the worker exits once its queues have no message ready")
         if self.options.pool == "threads" and self.options.soft_time_limit:
@@ -202,6 +234,7 @@ class Worker:
         os.set_blocking(read, False)
         os.set_blocking(write, False)
         signal.set_wakeup_fd(write)
+        self._wakeup_w = write
 
         def count(signum: int, frame: Any) -> None:
             self._signals += 1
@@ -244,11 +277,17 @@ class Worker:
 
     def _run_processes(self) -> int:
         wakeup = self._install_signals()
-        pool = SlotProcesses(self.options, self.concurrency, self.outages, self.support)
+        assert self.monitor is not None
+        pool = SlotProcesses(self.options, self.concurrency, self.outages, self.support,
+                             self.monitor.slot_greeting)
+        self._pool = pool
         while True:
             ready = multiprocessing.connection.wait([wakeup, *pool.waitables()], timeout=0.5)
             with contextlib.suppress(OSError):
                 os.read(wakeup, 512)
+            if self._new_options is not None and self._stop_deadline is None:
+                options, self._new_options = self._new_options, None
+                pool.reconsume(options)
             pool.handle(ready, stopping=self._stop_deadline is not None)
             if pool.fatal and self._stop_deadline is None:
                 pool.stop_all()
@@ -291,6 +330,7 @@ class Worker:
             except BaseException as exc:
                 errors.append(exc)
 
+        self._greet(slots)
         threads = [
             threading.Thread(target=serve, args=(s,), name=s.name, daemon=True) for s in slots
         ]
@@ -323,6 +363,90 @@ class Worker:
             raise errors[0]
         log.info("worker stopped")
         return 0
+
+
+    def _greet(self, slots: list[Slot]) -> None:
+        """Tell thread slots what the monitor wants (process slots hear it on their pipe)."""
+        assert self.monitor is not None
+        for slot in slots:
+            for message in self.monitor.slot_greeting():
+                slot.watch.apply(message)
+        self._thread_slots = slots
+
+    # -- what the monitor asks (from its thread) -----------------------------------------
+
+    def slot_views(self) -> list[SlotView]:
+        pool = self._pool
+        if pool is not None:
+            return [SlotView(p.index, p.pid, p.label, p.started_at)
+                    for p in list(pool.slots.values())]
+        return [SlotView(s.index, os.getpid(), s.record.read()[0], s.record.started())
+                for s in self._thread_slots]
+
+    def tell_slots(self, message: tuple[Any, ...]) -> None:
+        if self._pool is not None:
+            self._pool.tell(message)
+        for slot in self._thread_slots:
+            slot.watch.apply(message)
+
+    def terminate(self, task_id: str) -> bool:
+        if self._pool is None:
+            log.warning("revoke with terminate: tasks in --pool threads can't be stopped; "
+                        "task %s runs to its end (its later messages are refused)", task_id)
+            return False
+        return self._pool.kill_running(task_id)
+
+    def shutdown(self) -> None:
+        log.warning("shutdown requested by remote control")
+        self._signals = max(self._signals, 1)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wakeup_w, b"\0")
+
+    def consume(self, queue: str, *, add: bool) -> dict[str, str]:
+        if self._pool is None:
+            return {"error": "add_consumer/cancel_consumer need --pool process"}
+        queues = list(self.options.queues)
+        if add == (queue in queues):
+            return {"ok": f"already consuming from {queue!r}" if add
+                    else f"not consuming from {queue!r}"}
+        if add:
+            timeout = self.app.config.connect_timeout
+            self.broker.check_queues([queue], timeout=timeout)
+            self.broker.join_broadcasts(self.options.hostname, [queue], timeout)
+            queues.append(queue)
+        else:
+            if len(queues) == 1:
+                return {"error": f"{queue!r} is the worker's only queue"}
+            queues.remove(queue)
+        self.options = dataclasses.replace(self.options, queues=tuple(queues))
+        if self.monitor is not None:
+            self.monitor.queues = queues
+        self._new_options = self.options
+        self._wake()
+        log.info("%s queue %s (remote control): slots are replaced as they finish",
+                 "consuming" if add else "no longer consuming", queue)
+        return {"ok": f"add consumer {queue}" if add else f"no longer consuming from {queue}"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotView:
+    index: int
+    pid: int | None
+    label: str
+    started: float | None
+
+
+def expand_nodename(name: str) -> str:
+    """Celery's ``-n`` forms: ``%h`` the host name, ``%n`` its first label, ``%d`` its
+    domain, ``%p`` the pid; a name without ``@`` gets ``@<host>``."""
+    host = socket.gethostname()
+    short, _, domain = host.partition(".")
+    name = (name.replace("%h", host).replace("%n", short).replace("%d", domain)
+            .replace("%p", str(os.getpid())))
+    return name if "@" in name else f"{name}@{host}"
 
 
 def _running(slots: list[Slot]) -> list[str]:

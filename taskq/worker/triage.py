@@ -44,6 +44,8 @@ class SlotOptions:
     #: Replace the slot process after this many tasks / once its RSS is over this (MiB).
     max_tasks_per_child: int | None = None
     max_memory_per_child: float | None = None
+    #: The worker's monitor's socket, for the slots' reports (see :mod:`.reports`).
+    monitor_socket: str | None = None
 
     @property
     def consumed(self) -> list[str]:

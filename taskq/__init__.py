@@ -43,6 +43,7 @@ from .errors import (
     TaskExpired,
     TaskFailure,
     TaskqError,
+    TaskRevoked,
     TimeLimitExceeded,
     TimeoutError,
     Unroutable,
@@ -51,6 +52,7 @@ from .errors import (
 from .hooks import TaskRun
 from .result import AsyncResult, BroadcastResult, EagerResult
 from .task import Request, Task
+from .waiting import as_completed, gather
 
 __version__ = "0.1.0"
 
@@ -94,6 +96,7 @@ __all__ = [
     "Task",
     "TaskExpired",
     "TaskFailure",
+    "TaskRevoked",
     "TaskRun",
     "TaskqError",
     "TimeLimitExceeded",
@@ -101,9 +104,11 @@ __all__ = [
     "Unroutable",
     "WorkerLostError",
     "__version__",
+    "as_completed",
     "chain",
     "chord",
     "default_app",
+    "gather",
     "group",
     "signature",
     "task",

@@ -14,6 +14,7 @@ from typing import Any, Concatenate, Literal, TypeVar, overload
 
 from .broker import Broker, broker_for
 from .config import Config, check_priority
+from .control import Control
 from .errors import BatchPublishError, ConfigurationError
 from .hooks import Hooks
 from .message import Envelope, task_envelope
@@ -257,6 +258,15 @@ class App:
                 if self._producer is None:
                     self._producer = Producer(self.broker, self.config, lambda: self._replies)
         return self._producer
+
+    @property
+    def control(self) -> Control:
+        """Remote control of the workers (Celery's protocol): ping, inspect, revoke, events."""
+        return Control(self.broker, self.config)
+
+    def revoke(self, task_id: str | Sequence[str], *, terminate: bool = False) -> None:
+        """Revoke tasks by id: see :meth:`taskq.control.Control.revoke`."""
+        self.control.revoke(task_id, terminate=terminate)
 
     @property
     def replies(self) -> ReplyConsumer:

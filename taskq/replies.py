@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import serialization, states
 from .broker import Broker
@@ -87,6 +87,14 @@ def thread_waker() -> Waker:
     return waker
 
 
+class Wakeable(Protocol):
+    """What a :class:`Pending` wakes once its result is filed: a waiting thread's
+    :class:`Waker`, or a watcher of many results (``taskq.gather``, ``taskq.as_completed``).
+    Called by whichever thread files the result, so it must be quick and never block."""
+
+    def wake(self) -> None: ...
+
+
 class Pending:
     """The slot a result lands in; shared by the reading thread and any waiting threads."""
 
@@ -101,7 +109,7 @@ class Pending:
         self.meta: dict[str, Any] | None = None
         self.state: str = states.PENDING
         self.pid = os.getpid()
-        self.wakers: list[Waker] = []
+        self.wakers: list[Wakeable] = []
 
     def resolve(self, meta: dict[str, Any]) -> None:
         self.meta = meta

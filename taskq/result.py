@@ -118,6 +118,26 @@ class AsyncResult(Generic[R]):
             return exc  # type: ignore[return-value]
         return cast(R, meta.get("result"))
 
+    def revoke(self, terminate: bool = False) -> None:
+        """Revoke the task (see :meth:`taskq.control.Control.revoke`): a worker that gets it
+        does not run it; with ``terminate`` a run under way is stopped. This handle's
+        :meth:`get` raises :class:`taskq.TaskRevoked` from now on."""
+        consumer = self._consumer
+        if consumer is None:
+            raise ResultUnavailable(
+                f"task {self.task_name}[{self.id}]: this handle has no broker; use "
+                "app.revoke(task_id)"
+            )
+        from .control import Control
+        from .errors import TaskRevoked
+        from .replies import _failure_meta
+
+        Control(consumer.broker, consumer.config).revoke(self.id, terminate=terminate)
+        pending = self._pending
+        if pending is not None and not pending.done:
+            pending.resolve(_failure_meta(self.id, TaskRevoked(
+                f"task {self.task_name}[{self.id}] was revoked")))
+
     def _wait(self, pending: Pending, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._consumer is not None:

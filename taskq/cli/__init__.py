@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .beat import beat
 from .dlq import dlq
+from .monitor import events, inspect, revoke, status
 from .worker import worker
 
 
@@ -26,3 +27,7 @@ def main() -> None:
 main.add_command(worker)
 main.add_command(dlq)
 main.add_command(beat)
+main.add_command(status)
+main.add_command(inspect)
+main.add_command(events)
+main.add_command(revoke)

@@ -12,7 +12,8 @@ def main() -> None:
     print(f"add(2, 3) = {result.get(timeout=10)}")
 
     results = [add.delay(i, i) for i in range(10)]  # many in flight at once
-    print(f"doubles: {[r.get(timeout=10) for r in results]}")
+    doubles = taskq.gather(results, timeout=10, progress=True)  # a bar on a terminal's stderr
+    print(f"doubles: {doubles}")
 
     print(f"word_count: {word_count.delay('the cat and the hat').get(timeout=10)}")
 

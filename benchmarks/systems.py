@@ -86,6 +86,11 @@ def taskq_argv(url: str, queue: str) -> list[str]:
     return [sys.executable, "-m", "taskq", "worker", "-A", app, "-Q", queue, "-c", str(SLOTS)]
 
 
+def taskq_events_argv(url: str, queue: str) -> list[str]:
+    """The same worker publishing Celery's events (``-E``), with no one listening."""
+    return [*taskq_argv(url, queue), "-E"]
+
+
 # -- the floor -----------------------------------------------------------------------------------
 
 
@@ -196,14 +201,14 @@ def taskq_env(url: str) -> dict[str, str]:
     return {"TASKQ_BROKER_URL": url}
 
 
-def taskq_embedded(name: str, synchronous: str) -> System:
+def taskq_embedded(name: str, synchronous: str, events: bool = False) -> System:
     """taskq on its embedded broker: the same worker and client, given a sqlite:// URL."""
     return System(
         name=name,
         place=functools.partial(TaskqFile, synchronous=synchronous),
         ready_count=SLOTS,
         bulk_method="delay_many (one transaction)",
-        worker_argv=taskq_argv,
+        worker_argv=taskq_events_argv if events else taskq_argv,
         worker_env=taskq_env,
         client=TaskqClient,
     )
@@ -228,6 +233,15 @@ RABBITMQ_SYSTEMS = [
         ready_count=SLOTS,
         bulk_method="delay_many (pipelined confirms)",
         worker_argv=taskq_argv,
+        worker_env=taskq_env,
+        client=TaskqClient,
+    ),
+    System(
+        name="taskq-events",
+        place=Vhost,
+        ready_count=SLOTS,
+        bulk_method="delay_many (pipelined confirms)",
+        worker_argv=taskq_events_argv,
         worker_env=taskq_env,
         client=TaskqClient,
     ),
@@ -258,6 +272,7 @@ def make_systems(huey_poll: float = HUEY_POLL) -> dict[str, System]:
     systems = [
         taskq_embedded("taskq-embedded", "normal"),
         taskq_embedded("taskq-embedded-full", "full"),
+        taskq_embedded("taskq-embedded-events", "normal", events=True),
         huey_system(huey_poll),
         *RABBITMQ_SYSTEMS,
     ]

@@ -348,6 +348,17 @@ class QueueStats:
     oldest: float | None = None
 
 
+def command_body(method: str, arguments: dict[str, Any], destination: Sequence[str] | None,
+                 ticket: str | None, reply_to: dict[str, str] | None) -> dict[str, Any]:
+    """A remote-control command as Celery's pidbox carries it (no ``reply_to``: no reply)."""
+    body: dict[str, Any] = {"method": method, "arguments": arguments,
+                            "destination": list(destination) if destination else None,
+                            "pattern": None, "matcher": None}
+    if reply_to is not None:
+        body.update(ticket=ticket, reply_to=reply_to)
+    return body
+
+
 class ControlLink(abc.ABC):
     """Celery's monitoring protocols, on the broker: events and remote control (pidbox).
 

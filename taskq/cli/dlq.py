@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from ..app import App
 from ..broker.base import DeadLetter
 from ..dlq import DeadLetters, details
-from ..errors import TaskqError
-from ..loading import load_app
+from .options import F, app_options
 
-APP_HELP = "Take the broker settings from this app (module:attribute). [env: TASKQ_APP]"
-URL_HELP = "Broker URL, if no app is given. [env: TASKQ_BROKER_URL]"
 QUEUE_ARG_HELP = "QUEUE is the work queue (its dead letters are in QUEUE.dlq)."
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _dead_letters(app_spec: str | None, broker_url: str | None) -> DeadLetters:
-    app = load_app(app_spec) if app_spec else App(broker_url)
-    return DeadLetters(app)
-
-
 def broker_options(fn: F) -> F:
-    """-A/--app and --broker-url, turned into a DeadLetters; TaskqErrors become one line."""
+    """The broker options (see :mod:`.options`), turned into a DeadLetters."""
 
-    @click.option("-A", "--app", "app_spec", envvar="TASKQ_APP", help=APP_HELP)
-    @click.option("--broker-url", envvar="TASKQ_BROKER_URL", help=URL_HELP)
+    @app_options
     @wraps(fn)
-    def wrapper(app_spec: str | None, broker_url: str | None, **kwargs: Any) -> Any:
-        try:
-            return fn(_dead_letters(app_spec, broker_url), **kwargs)
-        except TaskqError as exc:
-            raise click.ClickException(str(exc)) from None
+    def wrapper(app: App, **kwargs: Any) -> Any:
+        return fn(DeadLetters(app), **kwargs)
 
     return wrapper  # type: ignore[return-value]
 

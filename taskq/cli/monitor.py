@@ -7,46 +7,19 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from ..app import App
 from ..broker.base import QueueStats
-from ..errors import TaskqError
-from ..loading import load_app
+from .options import app_options
 
-APP_HELP = "Take the broker settings (and queue names) from this app, module:attribute. " \
-           "[env: TASKQ_APP]"
-URL_HELP = "Broker URL, if no app is given. [env: TASKQ_BROKER_URL]"
 TIMEOUT_HELP = "How long to wait for workers' replies, seconds."
 JSON_HELP = "Print JSON (for scripts) instead of a table."
 DEST_HELP = "Ask only this worker (node name, e.g. taskq-4121@web1); repeatable."
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _app(app_spec: str | None, broker_url: str | None) -> App:
-    return load_app(app_spec) if app_spec else App(broker_url)
-
-
-def app_options(fn: F) -> F:
-    """-A/--app and --broker, turned into an App; TaskqErrors become one line."""
-
-    @click.option("-A", "--app", "app_spec", envvar="TASKQ_APP", help=APP_HELP)
-    @click.option("--broker", "--broker-url", "broker_url", envvar="TASKQ_BROKER_URL",
-                  help=URL_HELP)
-    @wraps(fn)
-    def wrapper(app_spec: str | None, broker_url: str | None, **kwargs: Any) -> Any:
-        try:
-            return fn(_app(app_spec, broker_url), **kwargs)
-        except TaskqError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:

@@ -178,15 +178,16 @@ def shutdown(monitor: Monitor, arguments: dict[str, Any]) -> Any:
 
 @command("add_consumer")
 def add_consumer(monitor: Monitor, arguments: dict[str, Any]) -> Any:
-    queue = arguments.get("queue")
-    if not isinstance(queue, str) or not queue:
-        return {"error": "add_consumer needs a queue name"}
-    return monitor.worker.consume(queue, add=True)
+    return _consume(monitor, arguments, "add_consumer", add=True)
 
 
 @command("cancel_consumer")
 def cancel_consumer(monitor: Monitor, arguments: dict[str, Any]) -> Any:
+    return _consume(monitor, arguments, "cancel_consumer", add=False)
+
+
+def _consume(monitor: Monitor, arguments: dict[str, Any], method: str, *, add: bool) -> Any:
     queue = arguments.get("queue")
     if not isinstance(queue, str) or not queue:
-        return {"error": "cancel_consumer needs a queue name"}
-    return monitor.worker.consume(queue, add=False)
+        return {"error": f"{method} needs a queue name"}
+    return monitor.worker.consume(queue, add=add)

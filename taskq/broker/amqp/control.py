@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from amqp import Message
 
-from ..base import ControlLink
+from ..base import ControlLink, command_body
 from .connection import bound, close_quietly
 from .consumer import plain_channel
 from .frames import Input, read_waiting
@@ -129,16 +129,13 @@ class AmqpControl(ControlLink):
              destination: Sequence[str] | None = None, reply: bool = True,
              timeout: float = 1.0) -> str:
         ticket = uuid.uuid4().hex
-        body: dict[str, Any] = {"method": method, "arguments": arguments,
-                                "destination": list(destination) if destination else None,
-                                "pattern": None, "matcher": None}
+        reply_to = {"exchange": REPLY_EXCHANGE, "routing_key": self.oid} if reply else None
+        body = command_body(method, arguments, destination, ticket, reply_to)
         self._clock += 1
         with self.bound.until(self._deadline()):
             self._exchange(PIDBOX_EXCHANGE, "fanout", durable=False)
             if reply:
                 self._reply_queue()
-                body.update(ticket=ticket,
-                            reply_to={"exchange": REPLY_EXCHANGE, "routing_key": self.oid})
             self._publish(body, PIDBOX_EXCHANGE, "",
                           {"clock": self._clock, "expires": time.time() + timeout})
         return ticket

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..base import ControlLink
+from ..base import ControlLink, command_body
 from .wake import Listener
 
 if TYPE_CHECKING:
@@ -85,15 +85,12 @@ class SqliteControl(ControlLink):
              destination: Sequence[str] | None = None, reply: bool = True,
              timeout: float = 1.0) -> str:
         ticket = uuid.uuid4().hex
-        body: dict[str, Any] = {"method": method, "arguments": arguments,
-                                "destination": list(destination) if destination else None,
-                                "pattern": None, "matcher": None}
+        reply_to = {"exchange": "reply.celery.pidbox", "routing_key": self.oid} if reply else None
+        body = command_body(method, arguments, destination, ticket, reply_to)
         if reply:
             if not self._tickets:
                 self.listener.listen(REPLIES + self.oid)
             self._tickets.add(ticket)
-            body.update(ticket=ticket, reply_to={"exchange": "reply.celery.pidbox",
-                                                 "routing_key": self.oid})
         now = time.time()
         body["expires"] = now + timeout
         with self.store.write(self._deadline()) as conn:

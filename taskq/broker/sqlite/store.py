@@ -57,6 +57,16 @@ NETWORK_FILESYSTEMS = frozenset({
     "fuse.glusterfs", "fuse.cephfs", "ncpfs", "coda",
 })
 
+#: Celery's monitoring protocols (events, remote control) and revocations (schema 4).
+CONTROL_TABLES = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE commands (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE command_replies (id INTEGER PRIMARY KEY, ticket TEXT NOT NULL, at REAL NOT NULL,
+                              body TEXT NOT NULL);
+CREATE INDEX command_replies_ticket ON command_replies (ticket);
+CREATE TABLE revoked (task_id TEXT PRIMARY KEY, until REAL NOT NULL);
+"""
+
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE queues (name TEXT PRIMARY KEY, created REAL NOT NULL, max_priority INTEGER);
@@ -101,13 +111,7 @@ CREATE TABLE chord_parts (chord TEXT NOT NULL, idx INTEGER NOT NULL, body BLOB N
 CREATE TABLE sent (task_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE beat (schedule TEXT NOT NULL, entry TEXT NOT NULL, last_due REAL NOT NULL,
                    PRIMARY KEY (schedule, entry));
-CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
-CREATE TABLE commands (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
-CREATE TABLE command_replies (id INTEGER PRIMARY KEY, ticket TEXT NOT NULL, at REAL NOT NULL,
-                              body TEXT NOT NULL);
-CREATE INDEX command_replies_ticket ON command_replies (ticket);
-CREATE TABLE revoked (task_id TEXT PRIMARY KEY, until REAL NOT NULL);
-"""
+""" + CONTROL_TABLES
 
 
 #: How a file of an older schema becomes the next one; applied in turn up to the current
@@ -133,14 +137,7 @@ CREATE TABLE beat (schedule TEXT NOT NULL, entry TEXT NOT NULL, last_due REAL NO
                    PRIMARY KEY (schedule, entry));
 """,
     # 3 → 4: Celery's monitoring protocols (events, remote control), revocations.
-    "3": """
-CREATE TABLE events (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
-CREATE TABLE commands (id INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL);
-CREATE TABLE command_replies (id INTEGER PRIMARY KEY, ticket TEXT NOT NULL, at REAL NOT NULL,
-                              body TEXT NOT NULL);
-CREATE INDEX command_replies_ticket ON command_replies (ticket);
-CREATE TABLE revoked (task_id TEXT PRIMARY KEY, until REAL NOT NULL);
-""",
+    "3": CONTROL_TABLES,
 }
 
 

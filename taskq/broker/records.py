@@ -30,9 +30,10 @@ class RunRecord:
         finally:
             os.close(fd)
 
-    def write(self, label: str, data: bytes = b"") -> None:
+    def write(self, label: str, data: bytes = b"", arguments: str = "") -> None:
+        """``arguments``: the start of the message's JSON body, for ``inspect active``."""
         payload = json.dumps({"label": label, "data": data.decode("latin-1"),
-                              "at": time.time()}).encode()
+                              "at": time.time(), "args": arguments}).encode()
         payload = payload[: SIZE - _LENGTH.size]
         self._map[0 : _LENGTH.size] = _LENGTH.pack(0)  # a reader in between sees nothing
         self._map[_LENGTH.size : _LENGTH.size + len(payload)] = payload
@@ -54,13 +55,19 @@ class RunRecord:
 
     def started(self) -> float | None:
         """When the run recorded now started (time.time()), or None."""
+        return self.details()[1]
+
+    def details(self) -> tuple[str, float | None, str]:
+        """(label, when it started, the start of its arguments' JSON); ("", None, "") when
+        idle."""
         (length,) = _LENGTH.unpack(self._map[0 : _LENGTH.size])
         if not 0 < length <= SIZE - _LENGTH.size:
-            return None
+            return "", None, ""
         try:
-            return float(json.loads(self._map[_LENGTH.size : _LENGTH.size + length])["at"])
+            value = json.loads(self._map[_LENGTH.size : _LENGTH.size + length])
+            return str(value["label"]), float(value["at"]), str(value.get("args") or "")
         except (ValueError, KeyError, TypeError):
-            return None
+            return "", None, ""
 
     def close(self) -> None:
         self._map.close()

@@ -16,6 +16,7 @@ It never holds up the slots: a broker that is away costs only the monitor, which
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -264,7 +265,7 @@ class Monitor:
                 continue
             name, _, rest = view.label.partition("[")
             task_id = rest[:-1]
-            seen = self._running.get(task_id, {})
+            seen = self._running.get(task_id) or _recorded_arguments(view.arguments)
             found.append({
                 "id": task_id, "name": name, "type": name,
                 "args": seen.get("args", "") if safe else seen.get("args_value",
@@ -398,3 +399,16 @@ class _suppressed:
 
     def __exit__(self, *exc: object) -> bool:
         return True
+
+
+def _recorded_arguments(text: str) -> dict[str, Any]:
+    """The arguments of a task run while no one watched, from its run record: values when
+    the record holds the whole body, else the start of it as a repr."""
+    if not text:
+        return {}
+    try:
+        args, kwargs = json.loads(text)[:2]
+    except (ValueError, TypeError, KeyError):
+        return {"args": text + "...", "kwargs": ""}
+    return {"args": repr(args), "kwargs": repr(kwargs), "args_value": args,
+            "kwargs_value": kwargs}

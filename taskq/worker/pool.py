@@ -75,6 +75,9 @@ class SlotProcess:
     def started_at(self) -> float | None:
         return self.record.started()
 
+    def details(self) -> tuple[str, float | None, str]:
+        return self.record.details()
+
     def describe_exit(self) -> str:
         code = self.process.exitcode
         if code is not None and code < 0:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -48,6 +49,11 @@ class Watch:
         self.outcomes: dict[str, int] = {}
         self._counted_at = 0.0
         self._changed = False
+        #: Counts change on the slot's thread; a thread of their own sends the ones a long
+        #: task would hold back (started at the first count, as the slot serves).
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
 
     @property
     def watching(self) -> bool:
@@ -68,21 +74,36 @@ class Watch:
 
     # -- telling the monitor ---------------------------------------------------------------
 
-    def count(self, name: str, queue: str, outcome: str) -> None:
-        self.total[name] = self.total.get(name, 0) + 1
-        self.by_queue[queue] = self.by_queue.get(queue, 0) + 1
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        self._changed = True
+    def count(self, name: str | None, queue: str, outcome: str) -> None:
+        """One message done with; ``name`` None for one that named no task (not counted as
+        processed: it was never a task)."""
+        with self._lock:
+            if name is not None:
+                self.total[name] = self.total.get(name, 0) + 1
+            self.by_queue[queue] = self.by_queue.get(queue, 0) + 1
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            self._changed = True
         self.flush()
+        if self._flusher is None and self._sock is not None:
+            self._flusher = threading.Thread(target=self._flush_later, daemon=True,
+                                             name="taskq-counts")
+            self._flusher.start()
 
     def flush(self, *, force: bool = False) -> None:
         """Send the counts if they changed and a second passed (``force``: now)."""
-        now = time.monotonic()
-        if not self._changed or (not force and now - self._counted_at < COUNTS_EVERY):
-            return
-        self._counted_at, self._changed = now, False
-        self._send({"kind": "counts", "slot": self.index, "pid": self.pid,
-                    "total": self.total, "queues": self.by_queue, "outcomes": self.outcomes})
+        with self._lock:
+            now = time.monotonic()
+            if not self._changed or (not force and now - self._counted_at < COUNTS_EVERY):
+                return
+            self._counted_at, self._changed = now, False
+            self._send({"kind": "counts", "slot": self.index, "pid": self.pid,
+                        "total": self.total, "queues": self.by_queue,
+                        "outcomes": self.outcomes})
+
+    def _flush_later(self) -> None:
+        while not self._closed:
+            time.sleep(COUNTS_EVERY)
+            self.flush()
 
     def report(self, event: str, fields: dict[str, Any]) -> None:
         """One step of a task, while someone watches (``fields``: Celery's, plus ``name``,
@@ -105,6 +126,7 @@ class Watch:
 
     def close(self) -> None:
         self.flush(force=True)
+        self._closed = True
         if self._sock is not None:
             self._sock.close()
 

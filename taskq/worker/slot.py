@@ -399,7 +399,8 @@ class Slot:
     def _running(self, delivery: Delivery, job: Job) -> Job:
         assert self.link is not None
         self.current, self.current_link = delivery, self.link
-        self.record.write(f"{job.task}[{job.task_id}]", self.link.run_record(delivery))
+        self.record.write(f"{job.task}[{job.task_id}]", self.link.run_record(delivery),
+                          _arguments_text(delivery))
         if not self.watch.watching:
             return job
         self._report_start(delivery, job)
@@ -435,7 +436,7 @@ class Slot:
         else:
             kind, event = "succeeded", "task-succeeded"
         name = delivery.task_name or "?"
-        self.watch.count(name, delivery.queue, kind)
+        self.watch.count(delivery.task_name, delivery.queue, kind)
         if event and self.watch.watching:
             fields = dict(outcome.report or {}) if outcome is not None else {}
             if kind == "rejected" and outcome is not None:
@@ -453,7 +454,7 @@ class Slot:
                                   worker=answerer(delivery.headers, self.options.hostname))
         self._dead_letter(delivery, "TaskRevoked", "revoked",
                           outcome._replace(after=self._flow_failure(delivery, exc)))
-        self.watch.count(delivery.task_name or "?", delivery.queue, "revoked")
+        self.watch.count(delivery.task_name, delivery.queue, "revoked")
         self.watch.report("task-revoked", {"uuid": delivery.task_id,
                                            "name": delivery.task_name, "queue": delivery.queue,
                                            "terminated": False, "signum": None,
@@ -721,3 +722,13 @@ def _small_values(args: Any, kwargs: Any) -> dict[str, Any]:
     if len(text) > SMALL_ARGUMENTS:
         return {}
     return {"args_value": args, "kwargs_value": kwargs}
+
+
+#: How much of a JSON body the run record keeps for ``inspect active``.
+RECORDED_ARGUMENTS = 1024
+
+
+def _arguments_text(delivery: Delivery) -> str:
+    if delivery.content_type != "application/json":
+        return ""
+    return delivery.body[:RECORDED_ARGUMENTS].decode("utf-8", "replace")

@@ -378,10 +378,8 @@ class Worker:
     def slot_views(self) -> list[SlotView]:
         pool = self._pool
         if pool is not None:
-            return [SlotView(p.index, p.pid, p.label, p.started_at)
-                    for p in list(pool.slots.values())]
-        return [SlotView(s.index, os.getpid(), s.record.read()[0], s.record.started())
-                for s in self._thread_slots]
+            return [SlotView(p.index, p.pid, *p.details()) for p in list(pool.slots.values())]
+        return [SlotView(s.index, os.getpid(), *s.record.details()) for s in self._thread_slots]
 
     def tell_slots(self, message: tuple[Any, ...]) -> None:
         if self._pool is not None:
@@ -437,6 +435,8 @@ class SlotView:
     pid: int | None
     label: str
     started: float | None
+    #: The start of the running task's arguments as JSON (``[args, kwargs, ...]``), or "".
+    arguments: str = ""
 
 
 def expand_nodename(name: str) -> str:

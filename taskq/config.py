@@ -75,6 +75,11 @@ class Config:
     #: task later (a countdown, a worker started later) still refuses it. A task revoked
     #: with a countdown longer than this may run.
     revoke_expires: float = 7 * 24 * 3600.0
+    #: RabbitMQ: the management plugin's HTTP API, which ``taskq status`` asks for the
+    #: vhost's queue names and unacked counts (AMQP can't tell them), e.g.
+    #: ``http://user:password@host:15672``. None: ``http://<broker host>:15672`` with the
+    #: broker URL's credentials, if it answers within a second; "": never.
+    management_url: str | None = None
     #: Extra worker-side defaults: hard and soft time limits in seconds (None: no limit).
     time_limit: float | None = None
     soft_time_limit: float | None = None

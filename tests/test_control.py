@@ -248,8 +248,12 @@ def test_add_and_cancel_consumer_then_shutdown(
 # -- taskq status ----------------------------------------------------------------------------
 
 
+#: What AMQP alone tells (RabbitMQ's management plugin may be enabled: see the test of it).
+AMQP_ONLY = ("-A", "tests.apps.amqp_only:app")
+
+
 def status_json(broker: Broker, queue: str, *options: str) -> dict[str, Any]:
-    proc = taskq(broker, "status", "-Q", queue, "--json", *options)
+    proc = taskq(broker, "status", *AMQP_ONLY, "-Q", queue, "--json", *options)
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
 
@@ -292,7 +296,8 @@ def test_status_shows_queue_counts_and_the_workers_on_them(
 
     # the table and the JSON, asked at once (each takes a couple of seconds)
     table_proc = subprocess.Popen(
-        [sys.executable, "-m", "taskq", "status", "-Q", queue, "-t", "1.5"], cwd=ROOT,
+        [sys.executable, "-m", "taskq", "status", *AMQP_ONLY, "-Q", queue, "-t", "1.5"],
+        cwd=ROOT,
         env={**os.environ, "TASKQ_BROKER_URL": broker.url}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
@@ -404,3 +409,67 @@ def test_metrics_count_runs_by_outcome_and_show_queue_depth(
     assert sample("taskq_task_duration_seconds_bucket", task=add, queue=queue, le="+Inf") == 3.0
     assert sample("taskq_tasks_running", queue=queue) == 0.0
     assert sample("taskq_queue_ready_messages", queue=queue) == 0.0
+
+
+@pytest.fixture
+def management(broker: Broker) -> str:
+    """RabbitMQ's management plugin, enabled (it stays enabled: it changes nothing else)."""
+    subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=True,
+                   capture_output=True, timeout=120)
+    base = "http://127.0.0.1:15672"
+
+    def answers() -> bool:
+        request = urllib.request.Request(f"{base}/api/overview",
+                                         headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_for(answers, 60, "the management plugin to answer")
+    return base
+
+
+@pytest.mark.rabbitmq
+def test_status_on_rabbitmq_asks_the_management_plugin_for_queues_and_unacked_counts(
+        management: str, broker: Broker, queue: str, make_app: Callable[..., Any],
+        tasks: SimpleNamespace, tmp_path: Path,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given the management plugin enabled, a queue that neither the app nor a worker names
+    (a task waits there) and a worker running a blocked task: ``taskq status --broker URL``
+    lists the vhost's work queues, that one included, and the running task's queue with one
+    unacked message; none of taskq's or Celery's own queues (dead letters, replies, pidbox,
+    revocations) appear as work queues."""
+    from .apps import basic
+
+    other = f"{queue}-other"
+    waiting = basic.build(make_app(default_queue=other)).add.delay(1, 1)
+    node = nodename("mgmt")
+    start_worker("-n", node, concurrency=1)
+    pid_file, release = tmp_path / "pid", tmp_path / "release"
+    blocked = tasks.pid_then_block.delay(str(pid_file), str(release))
+    wait_for(pid_file.exists, 15, "the blocking task to start")
+    tasks.app.revoke(str(uuid.uuid4()))  # makes taskq.revoked exist
+
+    seen: dict[str, Any] = {}
+
+    def shown() -> bool:
+        proc = taskq(broker, "status", "--json", "-t", "0.5")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        seen.update(report)
+        rows = {r["queue"]: r for r in report["queues"]}
+        return (rows.get(other, {}).get("ready") == 1
+                and rows.get(queue, {}).get("unacked") == 1)
+
+    try:
+        # the plugin's figures lag by its stats interval (5 s by default)
+        wait_for(shown, 40, f"status to show {other} and one unacked in {queue}: {seen}")
+    finally:
+        release.touch()
+    assert blocked.get(timeout=15) == "released"
+    names = [r["queue"] for r in seen["queues"]]
+    assert not [n for n in names if n.endswith(".dlq") or n.startswith("taskq.")
+                or "pidbox" in n], names
+    assert not waiting.ready()  # no worker serves that queue: it still waits there

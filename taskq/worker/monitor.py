@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from .. import __version__
 from ..app import App
 from ..broker.base import ControlLink
+from ..config import mask_url
 from . import control
 from .outages import OutageLog
 from .reports import Inbox
@@ -291,6 +292,8 @@ class Monitor:
             value = getattr(config, field.name)
             if field.name == "broker_url":
                 value = config.display_url
+            elif field.name == "management_url" and value:
+                value = mask_url(value)
             elif field.name in SECRET and value:
                 value = "********"
             found[field.name] = value if isinstance(value, (str, int, float, bool, type(None))) \

@@ -24,6 +24,7 @@ from .channel import ConfirmChannel
 from .connection import Connector, close_quietly
 from .consumer import plain_channel
 from .frames import delivery
+from .management import Management, is_work_queue
 
 #: Replayed copies published before waiting for their confirms.
 REPLAY_WINDOW = 256
@@ -39,6 +40,9 @@ class QueueAdmin(Admin):
         self._publisher: Any = None
         self.declared = declared
         self.timeout = timeout
+        config = connector.config
+        self.management = Management(config.broker_url, config.management_url,
+                                     timeout=min(1.0, timeout))
 
     def close(self) -> None:
         close_quietly(self._publisher)
@@ -166,15 +170,23 @@ class QueueAdmin(Admin):
                 channel.close()
         return int(count), int(consumers)
 
+    def known_queues(self) -> list[str]:
+        """The vhost's work queues, where the management plugin answers (AMQP can't list)."""
+        listed = self.management.queues() or {}
+        return sorted(name for name in listed if is_work_queue(name))
+
     def queue_stats(self, queues: Iterable[str]) -> list[QueueStats]:
-        # AMQP tells a queue's ready messages and consumers only (unacked and ages need the
-        # management plugin's HTTP API).
+        # AMQP tells a queue's ready messages and consumers; the unacked count comes from the
+        # management plugin where it answers (its figures lag by its stats interval).
+        listed = self.management.queues() or {}
         found = []
         for queue in dict.fromkeys(queues):
             seen = self._peek(queue)
             if seen is None:
                 continue
             dead = self._peek(topology.dead_letter_queue_name(queue))
-            found.append(QueueStats(queue, seen[0], None, seen[1],
-                                    dead[0] if dead is not None else 0))
+            unacked = (listed.get(queue) or {}).get("messages_unacknowledged")
+            found.append(QueueStats(queue, seen[0],
+                                    int(unacked) if isinstance(unacked, int) else None,
+                                    seen[1], dead[0] if dead is not None else 0))
         return found

@@ -105,6 +105,8 @@ class Monitor:
         #: Args of the tasks running now, from their received reports (events on).
         self._running: dict[str, dict[str, Any]] = {}
         self._outbox: list[dict[str, Any]] = []
+        #: Tasks stopped by revoke(terminate=True), whose revoked event is told already.
+        self._terminated: dict[str, float] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="taskq-monitor", daemon=True)
@@ -198,7 +200,8 @@ class Monitor:
 
     def _wait(self, link: ControlLink | None, timeout: float) -> None:
         poller = select.poll()
-        poller.register(self.inbox.fileno(), select.POLLIN)
+        for fd in self.inbox.filenos():
+            poller.register(fd, select.POLLIN)
         if link is not None:
             if link.input.buffered():
                 return
@@ -319,10 +322,13 @@ class Monitor:
         self._add_revoked(dict.fromkeys(task_ids, until))
         log.info("revoked: %s%s", ", ".join(task_ids), " (terminate)" if terminate else "")
         if terminate:
+            self._take_reports()  # its received and started go out before its end
             for task_id in task_ids:
                 if self.worker.terminate(task_id):
                     self._event("task-revoked", uuid=task_id, terminated=True,
                                 signum="SIGKILL", expired=False)
+                    # its message comes back to a slot, which refuses it: told once here
+                    self._terminated[task_id] = time.monotonic()
 
     def _add_revoked(self, found: dict[str, float]) -> None:
         now = time.time()
@@ -354,6 +360,11 @@ class Monitor:
             self._running.pop(task_id, None)
         if self.metrics is not None:
             self.metrics.observe(report)
+        if kind == "task-revoked" and self._terminated.pop(task_id, None) is not None:
+            return
+        if len(self._terminated) > 1000:  # told long ago, never came back: forget them
+            now = time.monotonic()
+            self._terminated = {k: t for k, t in self._terminated.items() if now - t < 600}
         if self.events_enabled:
             event = {k: v for k, v in report.items() if k not in PRIVATE_FIELDS}
             if kind != "task-received":

@@ -1,7 +1,7 @@
 """What a worker's slots tell its monitor, and what the monitor tells them.
 
-The monitor (:mod:`taskq.worker.monitor`, a thread of the supervisor) binds a Unix datagram
-socket; each slot sends it, without ever waiting:
+The monitor (:mod:`taskq.worker.monitor`, a thread of the supervisor) listens on a Unix
+stream socket; each slot connects and sends it JSON lines, without ever waiting:
 
 * every second or so, its counts (tasks run, by name, by queue, by outcome): absolute, so a
   datagram lost costs nothing;
@@ -9,7 +9,10 @@ socket; each slot sends it, without ever waiting:
   step of each task (received, started, succeeded, failed, retried, rejected, revoked), with
   Celery's event fields.
 
-A full socket drops a datagram: reports never slow a task. The monitor tells the slots what to
+What the socket can't take at once waits in the slot (up to :data:`MAX_PENDING` bytes; past
+that, new reports are dropped) and goes at the next report or tick: reports never slow a task,
+and a burst is told in full. (Datagrams would be dropped: Linux queues only
+``net.unix.max_dgram_qlen`` of them per socket, 10 by default.) The monitor tells the slots what to
 watch and which tasks are revoked through :class:`Watch` (over a slot process's control pipe,
 or directly with ``--pool threads``).
 """
@@ -28,6 +31,10 @@ from typing import Any
 COUNTS_EVERY = 1.0
 #: The largest report sent (bytes); longer reprs and tracebacks are cut to fit.
 MAX_REPORT = 60_000
+#: Reports a slot keeps while the monitor is behind (bytes); more are dropped.
+MAX_PENDING = 4 * 1024 * 1024
+#: A slot whose monitor is gone tries to reach it again after this long (seconds).
+RECONNECT_EVERY = 1.0
 
 
 class Watch:
@@ -41,9 +48,8 @@ class Watch:
         self.pid = os.getpid()
         self._path = socket_path
         self._sock: socket.socket | None = None
-        if socket_path:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.setblocking(False)
+        self._pending = bytearray()
+        self._tried_at = -RECONNECT_EVERY
         self.total: dict[str, int] = {}
         self.by_queue: dict[str, int] = {}
         self.outcomes: dict[str, int] = {}
@@ -52,6 +58,7 @@ class Watch:
         #: Counts change on the slot's thread; a thread of their own sends the ones a long
         #: task would hold back (started at the first count, as the slot serves).
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._closed = False
 
@@ -84,7 +91,7 @@ class Watch:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             self._changed = True
         self.flush()
-        if self._flusher is None and self._sock is not None:
+        if self._flusher is None and self._path:
             self._flusher = threading.Thread(target=self._flush_later, daemon=True,
                                              name="taskq-counts")
             self._flusher.start()
@@ -102,8 +109,10 @@ class Watch:
 
     def _flush_later(self) -> None:
         while not self._closed:
-            time.sleep(COUNTS_EVERY)
+            time.sleep(COUNTS_EVERY / 10 if self._pending else COUNTS_EVERY)
             self.flush()
+            with self._sending:
+                self._push()
 
     def report(self, event: str, fields: dict[str, Any]) -> None:
         """One step of a task, while someone watches (``fields``: Celery's, plus ``name``,
@@ -113,54 +122,121 @@ class Watch:
                         "slot_pid": self.pid, **fields})
 
     def _send(self, report: dict[str, Any]) -> None:
-        if self._sock is None or self._path is None:
+        if not self._path:
             return
         data = json.dumps(report, default=str).encode()
         if len(data) > MAX_REPORT:
             for key in ("traceback", "result", "args", "kwargs", "exception"):
                 if isinstance(report.get(key), str):
                     report[key] = report[key][: MAX_REPORT // 8]
-            data = json.dumps(report, default=str).encode()[:MAX_REPORT]
-        with contextlib.suppress(OSError):  # full, or the monitor is gone: dropped
-            self._sock.sendto(data, self._path)
+            data = json.dumps(report, default=str).encode()
+            if len(data) > MAX_REPORT:
+                return  # still too big (huge fields of other names): not told
+        with self._sending:
+            if len(self._pending) + len(data) < MAX_PENDING:
+                self._pending += data + b"\n"
+            self._push()
+
+    def _push(self) -> None:
+        """Send what waits, as far as the socket takes it now (call with ``_sending``)."""
+        if not self._pending:
+            return
+        if self._sock is None and not self._connect():
+            return
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._pending)
+        except BlockingIOError:
+            return
+        except OSError:  # the monitor is gone: keep what waits, reach it again later
+            self._sock.close()
+            self._sock = None
+            return
+        del self._pending[:sent]
+
+    def _connect(self) -> bool:
+        now = time.monotonic()
+        if now - self._tried_at < RECONNECT_EVERY or not self._path:
+            return False
+        self._tried_at = now
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            return False
+        sock.setblocking(False)
+        self._sock = sock
+        return True
 
     def close(self) -> None:
         self.flush(force=True)
         self._closed = True
-        if self._sock is not None:
-            self._sock.close()
+        with self._sending:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # the rest, if it fits at once
+                    self._sock.setblocking(True)
+                    self._sock.settimeout(0.2)
+                    self._sock.sendall(self._pending)
+                self._sock.close()
+                self._sock = None
 
 
 class Inbox:
-    """The monitor's end: the socket the slots' reports arrive on."""
+    """The monitor's end: the socket the slots' reports arrive on, one connection a slot."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
+        self.sock.listen(64)
         self.sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        #: Each slot's connection, with the start of a line not read in full yet.
+        self._peers: dict[socket.socket, bytearray] = {}
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def filenos(self) -> list[int]:
+        return [self.sock.fileno(), *(peer.fileno() for peer in self._peers)]
 
     def take(self, limit: int = 10_000) -> list[dict[str, Any]]:
+        self._accept()
         taken: list[dict[str, Any]] = []
-        while len(taken) < limit:
-            try:
-                data = self.sock.recv(MAX_REPORT + 1024)
-            except OSError:
-                break
-            with contextlib.suppress(ValueError):
-                value = json.loads(data)
-                if isinstance(value, dict):
-                    taken.append(value)
+        for peer, partial in list(self._peers.items()):
+            while len(taken) < limit:
+                try:
+                    data = peer.recv(256 * 1024)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                if not data:  # the slot is gone
+                    peer.close()
+                    del self._peers[peer]
+                    break
+                partial += data
+                *lines, rest = partial.split(b"\n")
+                partial[:] = rest
+                for line in lines:
+                    with contextlib.suppress(ValueError):
+                        value = json.loads(line)
+                        if isinstance(value, dict):
+                            taken.append(value)
         return taken
 
+    def _accept(self) -> None:
+        while True:
+            try:
+                peer, _ = self.sock.accept()
+            except OSError:
+                return
+            peer.setblocking(False)
+            self._peers[peer] = bytearray()
+
     def close(self) -> None:
+        for peer in self._peers:
+            peer.close()
+        self._peers.clear()
         self.sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)

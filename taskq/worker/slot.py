@@ -116,6 +116,7 @@ class Slot:
         self._executor_changed = False
         #: What the worker's monitor wants to hear, and which tasks are revoked.
         self.watch = Watch(options.monitor_socket, index)
+        self.reporting = False  # whether the run under way is told (see _running)
 
     # -- control -----------------------------------------------------------------------------
 
@@ -401,7 +402,9 @@ class Slot:
         self.current, self.current_link = delivery, self.link
         self.record.write(f"{job.task}[{job.task_id}]", self.link.run_record(delivery),
                           _arguments_text(delivery))
-        if not self.watch.watching:
+        #: Whether this run is told (every step or none: watching may change meanwhile).
+        self.reporting = self.watch.watching
+        if not self.reporting:
             return job
         self._report_start(delivery, job)
         return job._replace(report=True)
@@ -415,7 +418,7 @@ class Slot:
         self.watch.report("task-received", {
             "uuid": job.task_id, "name": job.task, "args": bounded_repr(args),
             "kwargs": bounded_repr(kwargs), **_small_values(args, kwargs),
-            "root_id": headers.get("root_id"),
+            "root_id": headers.get("root_id") or job.task_id,
             "parent_id": headers.get("parent_id"), "retries": headers.get("retries") or 0,
             "eta": headers.get("eta"), "expires": headers.get("expires"),
             "queue": delivery.queue, "exchange": delivery.exchange,
@@ -423,8 +426,10 @@ class Slot:
         self.watch.report("task-started", {"uuid": job.task_id, "name": job.task,
                                            "queue": delivery.queue})
 
-    def _account(self, delivery: Delivery, outcome: Outcome | None) -> None:
-        """Count what came of a run, and report it if someone watches."""
+    def _account(self, delivery: Delivery, outcome: Outcome | None,
+                 reported: bool | None = None) -> None:
+        """Count what came of a run, and report it if its start was (``reported``; None: a
+        message refused before it ran, told if someone watches now)."""
         if outcome is None:
             kind, event = "lost", ""
         elif outcome.kind == "reject":
@@ -437,7 +442,7 @@ class Slot:
             kind, event = "succeeded", "task-succeeded"
         name = delivery.task_name or "?"
         self.watch.count(delivery.task_name, delivery.queue, kind)
-        if event and self.watch.watching:
+        if event and (self.watch.watching if reported is None else reported):
             fields = dict(outcome.report or {}) if outcome is not None else {}
             if kind == "rejected" and outcome is not None:
                 fields.setdefault("exception", f"{outcome.exc_type}: {outcome.detail}")
@@ -504,6 +509,7 @@ class Slot:
         delivery, link = self.current, self.current_link
         self.current = self.current_link = None
         self.hard_limit = None
+        reported, self.reporting = self.reporting, False
         if delivery is None:
             self.record.clear()
             if outcome is None and self.executor is not None:
@@ -523,7 +529,7 @@ class Slot:
                 self._settle(delivery, link, outcome)
         finally:
             self.record.clear()
-            self._account(delivery, outcome)
+            self._account(delivery, outcome, reported)
 
     def _settle(self, delivery: Delivery, link: SlotLink | None, outcome: Outcome) -> None:
         try:

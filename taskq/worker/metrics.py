@@ -1,7 +1,7 @@
 """``taskq worker --metrics-port PORT``: Prometheus metrics, served by the supervisor.
 
-Made from the slots' reports (see :mod:`.reports`), so the slots pay one datagram per step of
-a task and nothing else; needs ``prometheus_client`` (``pip install 'taskq[metrics]'``).
+Made from the slots' reports (see :mod:`.reports`), so the slots pay one line on a local socket per
+step of a task and nothing else; needs ``prometheus_client`` (``pip install 'taskq[metrics]'``).
 Queue depths are read from the broker every :data:`DEPTH_EVERY` seconds by a thread of its
 own. Metrics (all prefixed ``taskq_``):
 

@@ -4,7 +4,7 @@ The monitor (:mod:`taskq.worker.monitor`, a thread of the supervisor) listens on
 stream socket; each slot connects and sends it JSON lines, without ever waiting:
 
 * every second or so, its counts (tasks run, by name, by queue, by outcome): absolute, so a
-  datagram lost costs nothing;
+  report dropped costs nothing;
 * while someone watches (``-E``/``enable_events``, or ``--metrics-port``), one report per
   step of each task (received, started, succeeded, failed, retried, rejected, revoked), with
   Celery's event fields.

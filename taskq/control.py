@@ -57,19 +57,28 @@ class Control:
                                timeout=timeout)
             if not reply:
                 return {}
-            wanted = limit if limit is not None else (len(destination) if destination else None)
-            found: dict[str, Any] = {}
-            deadline = time.monotonic() + timeout
-            while True:
-                for answer in link.replies(ticket):
-                    found.update(answer)
-                left = deadline - time.monotonic()
-                if left <= 0 or (wanted is not None and len(found) >= wanted):
-                    return found
-                link.wait(min(left, 0.25))
+            try:
+                return self._collect(link, ticket, timeout,
+                                     limit if limit is not None
+                                     else (len(destination) if destination else None))
+            finally:
+                link.forget(ticket)
         finally:
             if own:
                 link.close()
+
+    @staticmethod
+    def _collect(link: ControlLink, ticket: str, timeout: float, wanted: int | None
+                 ) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            for answer in link.replies(ticket):
+                found.update(answer)
+            left = deadline - time.monotonic()
+            if left <= 0 or (wanted is not None and len(found) >= wanted):
+                return found
+            link.wait(min(left, 0.25))
 
     def ping(self, **options: Any) -> dict[str, Any]:
         return self.broadcast("ping", **options)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -348,6 +349,21 @@ class QueueStats:
     oldest: float | None = None
 
 
+def decoded_body(body: Any) -> dict[str, Any]:
+    """A monitoring message's JSON object, or {} for anything else (bytes that aren't UTF-8
+    or JSON, JSON nested too deep to parse, a value that isn't an object)."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            return {}
+    try:
+        value = json.loads(body)
+    except (TypeError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def command_body(method: str, arguments: dict[str, Any], destination: Sequence[str] | None,
                  ticket: str | None, reply_to: dict[str, str] | None) -> dict[str, Any]:
     """A remote-control command as Celery's pidbox carries it (no ``reply_to``: no reply)."""
@@ -418,6 +434,11 @@ class ControlLink(abc.ABC):
     def replies(self, ticket: str) -> list[dict[str, Any]]:
         return self._replies.pop(ticket, [])
 
+    def forget(self, ticket: str) -> None:
+        """Done waiting for ``ticket``'s replies: later ones are dropped."""
+        self._awaited.discard(ticket)
+        self._replies.pop(ticket, None)
+
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` for input, and file it."""
         if not self.input.buffered():
@@ -445,6 +466,8 @@ class ControlLink(abc.ABC):
         self._events: list[dict[str, Any]] = []
         self._commands: list[dict[str, Any]] = []
         self._replies: dict[str, list[dict[str, Any]]] = {}
+        #: The tickets of the commands whose replies are still waited for.
+        self._awaited: set[str] = set()
 
 
 class BeatLink(abc.ABC):

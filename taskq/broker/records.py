@@ -32,8 +32,12 @@ class RunRecord:
 
     def write(self, label: str, data: bytes = b"", arguments: str = "") -> None:
         """``arguments``: the start of the message's JSON body, for ``inspect active``."""
-        payload = json.dumps({"label": label, "data": data.decode("latin-1"),
-                              "at": time.time(), "args": arguments}).encode()
+        record = {"label": label, "data": data.decode("latin-1"), "at": time.time(),
+                  "args": arguments}
+        payload = json.dumps(record).encode()
+        if len(payload) > SIZE - _LENGTH.size and arguments:  # escapes made it too big
+            record["args"] = ""
+            payload = json.dumps(record).encode()
         payload = payload[: SIZE - _LENGTH.size]
         self._map[0 : _LENGTH.size] = _LENGTH.pack(0)  # a reader in between sees nothing
         self._map[_LENGTH.size : _LENGTH.size + len(payload)] = payload

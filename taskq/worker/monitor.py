@@ -22,9 +22,11 @@ import os
 import platform
 import select
 import socket
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import fields as dataclass_fields
 from typing import Any, Protocol
@@ -97,11 +99,15 @@ class Monitor:
         self.started = time.time()
         self.clock = 0
         self.revocations: dict[str, float] = {}
-        self._dir = tempfile.mkdtemp(prefix="taskq-monitor-")
-        self.socket_path = os.path.join(self._dir, "reports")
+        if sys.platform.startswith("linux"):  # an abstract name: nothing left behind
+            self._dir: str | None = None
+            self.socket_path = f"\0taskq-monitor-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        else:
+            self._dir = tempfile.mkdtemp(prefix="taskq-monitor-")
+            self.socket_path = os.path.join(self._dir, "reports")
         self.inbox = Inbox(self.socket_path)
-        #: Counts per slot process (pid): absolute, from the slots' reports.
-        self._counts: dict[int, dict[str, Any]] = {}
+        #: Counts per slot (pid and index: thread slots share a pid), absolute.
+        self._counts: dict[tuple[int, int], dict[str, Any]] = {}
         #: Args of the tasks running now, from their received reports (events on).
         self._running: dict[str, dict[str, Any]] = {}
         self._outbox: list[dict[str, Any]] = []
@@ -124,8 +130,9 @@ class Monitor:
         self._stop.set()
         self._thread.join(timeout)
         self.inbox.close()
-        with _suppressed():
-            os.rmdir(self._dir)
+        if self._dir is not None:
+            with _suppressed():
+                os.rmdir(self._dir)
 
     def watching(self) -> tuple[str, bool, bool]:
         """What a new slot is told first."""
@@ -169,12 +176,16 @@ class Monitor:
 
     def _connect(self) -> bool:
         broker = self.app.broker
+        link: ControlLink | None = None
         try:
             link = broker.control_link(timeout=self.app.config.connect_timeout,
                                        name=f"taskq worker {self.nodename} monitor")
             link.serve(self.nodename)
             stored = link.revoked()
         except Exception as exc:
+            if link is not None:  # half set up: it must not go on taking this node's commands
+                with _suppressed():
+                    link.close()
             if not broker.is_recoverable(exc):
                 log.error("worker monitor: can't serve remote control: %s", exc)
             self._link_ready.set()
@@ -223,15 +234,26 @@ class Monitor:
     # -- commands --------------------------------------------------------------------------
 
     def _command(self, link: ControlLink, command: dict[str, Any]) -> None:
+        """Answer one command; a malformed one is answered with an error or ignored, never
+        the end of the link (only the broker's own errors are)."""
         destination = command.get("destination")
-        if destination and self.nodename not in destination:
+        if isinstance(destination, str):
+            destination = [destination]
+        if destination and (not isinstance(destination, list)
+                            or self.nodename not in destination):
             return
-        method = str(command.get("method") or "")
+        method = command.get("method")
         arguments = command.get("arguments")
         self.clock += 1
-        value = control.handle(self, method, arguments if isinstance(arguments, dict) else {})
-        log.debug("remote control: %s -> %r", method, value)
-        link.answer(command, self.nodename, value)
+        value = control.handle(self, method if isinstance(method, str) else "",
+                               arguments if isinstance(arguments, dict) else {})
+        log.debug("remote control: %s -> %.200r", method, value)
+        try:
+            link.answer(command, self.nodename, value)
+        except Exception as exc:
+            if self.app.broker.is_recoverable(exc):
+                raise
+            log.warning("worker monitor: could not answer %.100r: %s", method, exc)
 
     # -- what the handlers ask -------------------------------------------------------------
 
@@ -344,8 +366,9 @@ class Monitor:
         for report in self.inbox.take():
             kind = report.pop("kind", None)
             if kind == "counts":
-                pid = int(report.get("pid") or 0)
-                self._counts[pid] = report
+                with _suppressed():
+                    self._counts[int(report.get("pid") or 0), int(report.get("slot") or 0)] \
+                        = report
             elif kind == "event":
                 self._on_task_event(report)
 

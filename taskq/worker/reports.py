@@ -186,9 +186,11 @@ class Inbox:
     """The monitor's end: the socket the slots' reports arrive on, one connection a slot."""
 
     def __init__(self, path: str) -> None:
+        """``path``: a file's, or (Linux) an abstract name starting with a NUL."""
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if not path.startswith("\0"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(64)
@@ -238,5 +240,6 @@ class Inbox:
             peer.close()
         self._peers.clear()
         self.sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if not self.path.startswith("\0"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)

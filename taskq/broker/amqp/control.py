@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from amqp import Message
 
-from ..base import ControlLink, command_body
+from ..base import ControlLink, command_body, decoded_body
 from .connection import bound, close_quietly
 from .consumer import plain_channel
 from .frames import Input, read_waiting
@@ -121,7 +121,9 @@ class AmqpControl(ControlLink):
         self._clock += 1
         with self.bound.until(self._deadline()):
             self._exchange(REPLY_EXCHANGE, "direct", durable=False)
-            self._publish({node: value}, str(reply_to.get("exchange") or REPLY_EXCHANGE),
+            # only to Celery's reply exchange (a command naming another can't make a worker
+            # publish anywhere else, nor make its channel fail on an exchange that isn't)
+            self._publish({node: value}, REPLY_EXCHANGE,
                           str(reply_to.get("routing_key") or ""),
                           {"ticket": ticket, "clock": self._clock})
 
@@ -136,6 +138,7 @@ class AmqpControl(ControlLink):
             self._exchange(PIDBOX_EXCHANGE, "fanout", durable=False)
             if reply:
                 self._reply_queue()
+                self._awaited.add(ticket)
             self._publish(body, PIDBOX_EXCHANGE, "",
                           {"clock": self._clock, "expires": time.time() + timeout})
         return ticket
@@ -154,7 +157,7 @@ class AmqpControl(ControlLink):
     def _on_reply(self, message: Any) -> None:
         ticket = (message.properties.get("application_headers") or {}).get("ticket")
         body = _decoded(message)
-        if isinstance(ticket, str) and body:
+        if isinstance(ticket, str) and body and ticket in self._awaited:
             self._replies.setdefault(ticket, []).append(body)
 
     def _file(self, into: list[dict[str, Any]], message: Any) -> None:
@@ -214,14 +217,4 @@ class AmqpControl(ControlLink):
 
 
 def _decoded(message: Any) -> dict[str, Any]:
-    body = message.body
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        try:
-            body = bytes(body).decode("utf-8")
-        except UnicodeDecodeError:
-            return {}
-    try:
-        value = json.loads(body)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+    return decoded_body(message.body)

@@ -20,8 +20,11 @@ from kombu.utils.url import url_to_parts
 
 from . import topology
 
-#: The plugin's port when the setting names none.
-PORT = 15672
+#: The plugin's ports when the setting names none: plain for amqp://, TLS for amqps:// (the
+#: broker's credentials never go over plain HTTP to a broker reached over TLS).
+PORT, TLS_PORT = 15672, 15671
+#: After the plugin did not answer, taskq asks again only this much later (seconds).
+RETRY_AFTER = 60.0
 #: Queues that are taskq's or Celery's own machinery, not work queues.
 _MACHINERY = re.compile(
     r"^(taskq\.(reply|delayed|lost|once|chord|rate|broadcast|worker|beat|revoked)\b"
@@ -46,6 +49,8 @@ class Management:
             self.base: str | None = None
         elif setting:
             self.base = setting.rstrip("/")
+        elif parts.scheme == "amqps":
+            self.base = f"https://{parts.hostname or 'localhost'}:{TLS_PORT}"
         else:
             self.base = f"http://{parts.hostname or 'localhost'}:{PORT}"
         user, password = parts.username or "guest", parts.password or "guest"
@@ -59,25 +64,30 @@ class Management:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._auth = f"Basic {token}"
         self._answered: tuple[float, dict[str, dict[str, Any]]] | None = None
-        self._failed = False
+        self._failed_at: float | None = None
+        # straight to the broker's host: no proxy from the environment sees the credentials
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def queues(self) -> dict[str, dict[str, Any]] | None:
         """{name: {"messages_ready", "messages_unacknowledged", "consumers"}}: asked again
-        after a second; never again once it did not answer."""
-        if self.base is None or self._failed:
+        after a second; after it did not answer, only RETRY_AFTER later."""
+        if self.base is None:
+            return None
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER:
             return None
         if self._answered is not None and time.monotonic() - self._answered[0] < 1.0:
             return self._answered[1]
         url = f"{self.base}/api/queues/{quote(self.vhost, safe='')}?columns={COLUMNS}"
         request = urllib.request.Request(url, headers={"Authorization": self._auth})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 rows = json.load(response)
         except (OSError, ValueError):
             rows = None
         if not isinstance(rows, list):
-            self._failed = True
+            self._failed_at = time.monotonic()
             return None
+        self._failed_at = None
         found = {str(row["name"]): row for row in rows if isinstance(row, dict) and "name" in row}
         self._answered = (time.monotonic(), found)
         return found

@@ -20,7 +20,8 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..base import ControlLink, command_body
+from ...errors import BrokerUnavailable
+from ..base import ControlLink, command_body, decoded_body
 from .wake import Listener
 
 if TYPE_CHECKING:
@@ -46,8 +47,9 @@ class SqliteControl(ControlLink):
         self.input = _Input(self.listener)
         self._events_after: int | None = None
         self._commands_after: int | None = None
-        self._tickets: set[str] = set()
         self._sent_events = 0
+        #: Events not told because the file stayed busy for EVENT_WAIT.
+        self.dropped_events = 0
 
     def _deadline(self) -> float:
         return time.monotonic() + self.timeout
@@ -59,13 +61,17 @@ class SqliteControl(ControlLink):
             return
         now = time.time()
         rows = [(now, json.dumps(event, default=str)) for event in events]
-        with self.store.write(time.monotonic() + EVENT_WAIT) as conn:
-            conn.executemany("INSERT INTO events (at, body) VALUES (?, ?)", rows)
-            self._sent_events += len(rows)
-            if self._sent_events >= 1000:  # trim now and then, not per event
-                self._sent_events = 0
-                conn.execute("DELETE FROM events WHERE id <= "
-                             "(SELECT MAX(id) FROM events) - ?", (KEPT_EVENTS,))
+        try:
+            with self.store.write(time.monotonic() + EVENT_WAIT) as conn:
+                conn.executemany("INSERT INTO events (at, body) VALUES (?, ?)", rows)
+                self._sent_events += len(rows)
+                if self._sent_events >= 1000:  # trim now and then, not per event
+                    self._sent_events = 0
+                    conn.execute("DELETE FROM events WHERE id <= "
+                                 "(SELECT MAX(id) FROM events) - ?", (KEPT_EVENTS,))
+        except BrokerUnavailable:  # the file stayed busy: events are told at best, dropped
+            self.dropped_events += len(rows)
+            return
         self.broker.waker.wake_one(EVENTS)
 
     def watch_events(self) -> None:
@@ -88,9 +94,9 @@ class SqliteControl(ControlLink):
         reply_to = {"exchange": "reply.celery.pidbox", "routing_key": self.oid} if reply else None
         body = command_body(method, arguments, destination, ticket, reply_to)
         if reply:
-            if not self._tickets:
+            if not self._awaited:
                 self.listener.listen(REPLIES + self.oid)
-            self._tickets.add(ticket)
+            self._awaited.add(ticket)
         now = time.time()
         body["expires"] = now + timeout
         with self.store.write(self._deadline()) as conn:
@@ -125,9 +131,10 @@ class SqliteControl(ControlLink):
             for row_id, body in rows:
                 self._commands_after = row_id
                 command = _decoded(body)
-                if float(command.get("expires") or now + 1) >= now:
-                    self._commands.append(command)
-        for ticket in list(self._tickets):
+                expires = command.get("expires")
+                if not isinstance(expires, (int, float)) or not expires or expires >= now:
+                    self._commands.append(command)  # Celery's rule: past its expiry, dropped
+        for ticket in list(self._awaited):
             rows = self.store.read("SELECT id, body FROM command_replies WHERE ticket = ? "
                                    "ORDER BY id", (ticket,))
             if rows:
@@ -156,11 +163,7 @@ class SqliteControl(ControlLink):
 
 
 def _decoded(body: str) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+    return decoded_body(body)
 
 
 class _Input:

@@ -88,18 +88,21 @@ class Control:
         each worker that answers within the timeout."""
         return self.broadcast(method, **options)
 
-    def revoke(self, task_ids: str | Sequence[str], *, terminate: bool = False) -> None:
+    def revoke(self, task_ids: str | Sequence[str], *, terminate: bool = False,
+               wait: float = 0.0) -> dict[str, Any]:
         """Revoke tasks: a worker that gets one later dead-letters it (reason ``revoked``)
         and its caller gets TaskRevoked; with ``terminate``, one running now is stopped (its
         slot process killed and replaced). Kept in the broker for ``revoke_expires``, so a
-        worker that starts later refuses them too."""
+        worker that starts later refuses them too. ``wait``: collect the workers' replies
+        for that long (``{node: {"ok": ...}}``); 0: don't wait."""
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
         if not ids:
-            return
+            return {}
         with self.link() as link:
             link.store_revoked(ids, time.time() + self.config.revoke_expires)
-            link.call("revoke", {"task_id": ids, "terminate": terminate, "signal": "SIGKILL",
-                                 "stored": True}, reply=False)
+            return self.broadcast("revoke", {"task_id": ids, "terminate": terminate,
+                                             "signal": "SIGKILL", "stored": True},
+                                  reply=wait > 0, timeout=wait or DEFAULT_TIMEOUT, link=link)
 
     def events(self, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The events workers publish from now on (workers run with ``-E``), as they come;

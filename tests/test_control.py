@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -363,11 +364,12 @@ def test_a_broker_that_is_away_is_one_line_and_a_non_zero_exit(
 
 
 def test_metrics_count_runs_by_outcome_and_show_queue_depth(
-        tasks: SimpleNamespace, queue: str,
+        tasks: SimpleNamespace, queue: str, broker: Broker, tmp_path: Path,
         start_worker: Callable[..., WorkerProcess]) -> None:
     """Given a worker with --metrics-port that ran 3 succeeding and 1 failing task, its
     /metrics says so: taskq_tasks_total by outcome, the duration histogram's counts, nothing
-    running, and the queue's ready messages."""
+    running, and the queue's ready messages; a message naming no known task is a dead letter
+    of task "unknown"; a run whose slot was killed is counted lost."""
     parser = pytest.importorskip("prometheus_client.parser")
     port = free_port()
     start_worker("--metrics-port", str(port), "-n", nodename("metered"), concurrency=2)
@@ -409,6 +411,38 @@ def test_metrics_count_runs_by_outcome_and_show_queue_depth(
     assert sample("taskq_task_duration_seconds_bucket", task=add, queue=queue, le="+Inf") == 3.0
     assert sample("taskq_tasks_running", queue=queue) == 0.0
     assert sample("taskq_queue_ready_messages", queue=queue) == 0.0
+
+    # a message naming a task nobody has: one series for all such names, the reason its type
+    bogus_id = str(uuid.uuid4())
+    broker.publish_raw(queue, json.dumps([[], {}, {}]).encode(), content_type="application/json",
+                       correlation_id=bogus_id, delivery_mode=2,
+                       application_headers={"id": bogus_id, "task": "bogus.name"})
+    wait_for(lambda: (metrics := scrape()) and metrics.get(
+        ("taskq_dead_letters_total", frozenset({"task": "unknown", "queue": queue,
+                                                "reason": "NotRegistered"}.items()))) == 1.0,
+             15, "the dead letter counted under task 'unknown'", interval=0.1)
+
+    # a slot killed mid-task: its run is counted lost (at the second depth check that finds
+    # no slot running it), and the task's second run is the one running
+    pid_file, release = tmp_path / "pid", tmp_path / "release"
+    blocked = tasks.pid_then_block.delay(str(pid_file), str(release))
+    wait_for(pid_file.exists, 15, "the blocking task to start")
+    first = int(pid_file.read_text())
+    pid_file.unlink()
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the task to run again")
+
+    def lost() -> bool:
+        nonlocal metrics
+        metrics = scrape()
+        return sample("taskq_tasks_total", task=f"{BASIC}.pid_then_block", queue=queue,
+                      outcome="lost") == 1.0
+    try:
+        wait_for(lost, 30, "the killed run to be counted lost", interval=0.2)
+        assert sample("taskq_tasks_running", queue=queue) == 1.0  # the second run
+    finally:
+        release.touch()
+    assert blocked.get(timeout=15) == "released"
 
 
 @pytest.fixture

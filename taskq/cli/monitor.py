@@ -109,11 +109,19 @@ def _item(value: Any) -> str:
 @app_options
 @click.option("--terminate", is_flag=True,
               help="Also stop a run under way (its slot process is killed and replaced).")
-def revoke(app: App, task_ids: tuple[str, ...], terminate: bool) -> None:
+@click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="How long to wait for the workers' answers, seconds.")
+def revoke(app: App, task_ids: tuple[str, ...], terminate: bool, timeout: float) -> None:
     """Revoke tasks: workers don't run them (dead-lettered, reason 'revoked'; their callers
     get TaskRevoked). Kept in the broker for the app's revoke_expires (7 days by default)."""
-    app.revoke(list(task_ids), terminate=terminate)
-    click.echo(f"revoked {len(task_ids)} task(s){' (terminate)' if terminate else ''}")
+    replies = app.control.revoke(list(task_ids), terminate=terminate, wait=timeout)
+    click.echo(f"revoked {len(task_ids)} task(s){' (terminate)' if terminate else ''}: kept "
+               "in the broker for workers that get them later")
+    for node, value in sorted(replies.items()):
+        said = value.get("ok") or value.get("error") if isinstance(value, dict) else None
+        click.echo(f"  {node}: {said or value}")
+    if not replies:
+        click.echo(f"  no worker answered within {timeout:g}s")
 
 
 # -- taskq events ---------------------------------------------------------------------------

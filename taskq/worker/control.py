@@ -162,12 +162,21 @@ def disable_events(monitor: Monitor, arguments: dict[str, Any]) -> Any:
 @command("revoke")
 def revoke(monitor: Monitor, arguments: dict[str, Any]) -> Any:
     ids = arguments.get("task_id")
-    task_ids = [ids] if isinstance(ids, str) else [str(i) for i in ids or ()]
+    task_ids = [ids] if isinstance(ids, str) else (
+        [str(i) for i in ids] if isinstance(ids, list) else [])
     if not task_ids:
-        return {"error": "revoke needs task_id"}
+        return {"error": "revoke needs task_id: a task id or a list of them"}
     terminate = bool(arguments.get("terminate"))
-    monitor.revoke(task_ids, terminate=terminate, stored=bool(arguments.get("stored")))
-    return {"ok": f"tasks {', '.join(task_ids)} flagged as revoked"}
+    stopped = monitor.revoke(task_ids, terminate=terminate,
+                             stored=bool(arguments.get("stored")))
+    shown = ", ".join(task_ids[:5]) + (f" and {len(task_ids) - 5} more"
+                                       if len(task_ids) > 5 else "")
+    said = f"tasks {shown} flagged as revoked"
+    if terminate:
+        said += f"; terminated {', '.join(stopped)}" if stopped else "; none was running here"
+        if monitor.threads:
+            said += " (-P threads: a running task can't be stopped)"
+    return {"ok": said}
 
 
 @command("shutdown")

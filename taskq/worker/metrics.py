@@ -69,7 +69,11 @@ class Metrics:
                                   registry=registry)
         self.dead_depth = prom.Gauge("taskq_queue_dead_letters", "Dead letters of the queue",
                                      ["queue"], registry=registry)
-        self._started: dict[str, str] = {}
+        #: The runs started and not finished: task id -> [queue, task, depth checks that
+        #: found no slot running it, slot pid]. A run whose slot died is counted lost at the
+        #: second such check, or when the task starts again in another slot.
+        self._started: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server: Any = None
         self._monitor: Monitor | None = None
@@ -83,6 +87,9 @@ class Metrics:
                 f"--metrics-port {self.port}: can't listen there ({exc.strerror or exc})"
             ) from None
         self._server = served[0] if isinstance(served, tuple) else None
+        if self._server is not None:
+            self.port = int(self._server.server_port)  # the one the system chose for 0
+        log.info("metrics: http://0.0.0.0:%d/metrics", self.port)
         threading.Thread(target=self._depths, name="taskq-metrics", daemon=True).start()
 
     def stop(self) -> None:
@@ -96,15 +103,23 @@ class Metrics:
         kind = report.get("type")
         task_id = str(report.get("uuid"))
         queue = str(report.get("queue") or "")
-        task = str(report.get("name") or "?")
+        # a label per task the app knows (a message may name anything: one series each)
+        task = str(report.get("name") or "")
+        task = task if task in self.app.tasks else "unknown"
         if kind == "task-started":
-            self._started[task_id] = queue
+            with self._lock:
+                earlier = self._started.get(task_id)
+                self._started[task_id] = [queue, task, 0, report.get("slot_pid")]
+            if earlier is not None and earlier[3] != report.get("slot_pid"):
+                self._count_lost([earlier])  # it runs again: the slot of its last run died
             self.running.labels(queue).inc()
             return
         outcome = FINISHED.get(str(kind))
         if outcome is None:
             return
-        if self._started.pop(task_id, None) is not None:
+        with self._lock:
+            started = self._started.pop(task_id, None)
+        if started is not None:
             self.running.labels(queue).dec()
         self.tasks.labels(task, queue, outcome).inc()
         runtime = report.get("runtime")
@@ -113,7 +128,27 @@ class Metrics:
         if outcome == "retried":
             self.retries.labels(task, queue).inc()
         elif outcome in ("rejected", "revoked"):
-            self.dead.labels(task, queue, outcome).inc()
+            self.dead.labels(task, queue, _reason(report, outcome)).inc()
+
+    def _lost(self, running: set[str]) -> None:
+        """Runs started that no slot runs any more, at two depth checks in a row, and never
+        told their end: their slot died (kill -9, OOM). Counted as lost."""
+        with self._lock:
+            gone = []
+            for task_id, seen in self._started.items():
+                if task_id in running:
+                    seen[2] = 0
+                    continue
+                seen[2] += 1
+                if seen[2] >= 2:
+                    gone.append(task_id)
+            ended = [(self._started.pop(task_id)) for task_id in gone]
+        self._count_lost(ended)
+
+    def _count_lost(self, runs: list[list[Any]]) -> None:
+        for queue, task, *_ in runs:
+            self.running.labels(queue).dec()
+            self.tasks.labels(task, queue, "lost").inc()
 
     def _depths(self) -> None:
         admin = None
@@ -121,6 +156,7 @@ class Metrics:
             if self._monitor is not None:
                 self.reconnects.set(self._monitor.worker_reconnects())
                 queues = list(self._monitor.queues)
+                self._lost({str(task["id"]) for task in self._monitor.active()})
             try:
                 if admin is None:
                     admin = self.app.broker.admin(timeout=self.app.config.connect_timeout)
@@ -136,3 +172,12 @@ class Metrics:
                     admin.close()
                 admin = None
                 self._stop.wait(DEPTH_EVERY)
+
+
+def _reason(report: dict[str, Any], outcome: str) -> str:
+    """A dead letter's reason as a label: ``revoked``, or the exception's type."""
+    if outcome == "revoked":
+        return "revoked"
+    text = str(report.get("exception") or "")
+    kind = text.split(":", 1)[0].split("(", 1)[0].strip()
+    return kind[:40] if kind.isidentifier() else "other"

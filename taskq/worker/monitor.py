@@ -89,6 +89,8 @@ class Monitor:
     def __init__(self, app: App, options: SlotOptions, worker: Supervised, *, nodename: str,
                  concurrency: int, events: bool, metrics: Any = None) -> None:
         self.app = app
+        #: Slots are threads (``-P threads``): a running task can't be stopped.
+        self.threads = options.pool == "threads"
         self.options = options
         self.worker = worker
         self.nodename = nodename
@@ -334,7 +336,9 @@ class Monitor:
         if enabled:
             self._event("worker-online", **self._beat_fields())
 
-    def revoke(self, task_ids: Sequence[str], *, terminate: bool, stored: bool) -> None:
+    def revoke(self, task_ids: Sequence[str], *, terminate: bool, stored: bool) -> list[str]:
+        """Refuse these tasks from now on; with ``terminate``, stop their runs under way
+        (the ids of those stopped)."""
         until = time.time() + self.app.config.revoke_expires
         if not stored and self.link is not None:
             try:
@@ -342,15 +346,20 @@ class Monitor:
             except Exception as exc:  # still refused here; others hear it from the broadcast
                 log.warning("could not keep revocations in the broker: %s", exc)
         self._add_revoked(dict.fromkeys(task_ids, until))
-        log.info("revoked: %s%s", ", ".join(task_ids), " (terminate)" if terminate else "")
+        shown = ", ".join(task_ids[:5]) + (f" and {len(task_ids) - 5} more"
+                                           if len(task_ids) > 5 else "")
+        log.info("revoked: %s%s", shown, " (terminate)" if terminate else "")
+        stopped: list[str] = []
         if terminate:
             self._take_reports()  # its received and started go out before its end
             for task_id in task_ids:
                 if self.worker.terminate(task_id):
+                    stopped.append(task_id)
                     self._event("task-revoked", uuid=task_id, terminated=True,
                                 signum="SIGKILL", expired=False)
                     # its message comes back to a slot, which refuses it: told once here
                     self._terminated[task_id] = time.monotonic()
+        return stopped
 
     def _add_revoked(self, found: dict[str, float]) -> None:
         now = time.time()

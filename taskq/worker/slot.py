@@ -410,14 +410,20 @@ class Slot:
         return job._replace(report=True)
 
     def _report_start(self, delivery: Delivery, job: Job) -> None:
-        try:
-            args, kwargs, _ = parse_full_body(delivery, job.accept)
-        except Exception:
-            args, kwargs = [], {}
+        size = len(delivery.body)
+        if size > REPORTED_BODY:  # not decoded twice just to be told
+            shown: dict[str, Any] = {"args": f"<{size:,} bytes>", "kwargs": ""}
+        else:
+            try:
+                args, kwargs, _ = parse_full_body(delivery, job.accept)
+            except Exception:
+                args, kwargs = [], {}
+            shown = {"args": bounded_repr(args), "kwargs": bounded_repr(kwargs)}
+            if size <= SMALL_ARGUMENTS:
+                shown.update(_small_values(args, kwargs))
         headers = job.headers
         self.watch.report("task-received", {
-            "uuid": job.task_id, "name": job.task, "args": bounded_repr(args),
-            "kwargs": bounded_repr(kwargs), **_small_values(args, kwargs),
+            "uuid": job.task_id, "name": job.task, **shown,
             "root_id": headers.get("root_id") or job.task_id,
             "parent_id": headers.get("parent_id"), "retries": headers.get("retries") or 0,
             "eta": headers.get("eta"), "expires": headers.get("expires"),
@@ -717,6 +723,8 @@ def _run_key(delivery: Delivery) -> tuple[str, Any]:
 
 #: Arguments up to this size (as JSON) also reach ``inspect active`` as values, not reprs.
 SMALL_ARGUMENTS = 2048
+#: A body bigger than this is told by its size only (events, ``inspect active``).
+REPORTED_BODY = 64 * 1024
 
 
 def _small_values(args: Any, kwargs: Any) -> dict[str, Any]:

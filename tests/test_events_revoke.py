@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -498,3 +499,33 @@ def test_revoke_with_terminate_stops_a_running_task_and_the_worker_goes_on(
             for e in listener.of(node) if e.get("uuid") == blocked.id]
     assert told == [("task-received", None, None), ("task-started", None, None),
                     ("task-revoked", True, "SIGKILL")]
+
+
+@pytest.mark.rabbitmq
+def test_workers_starting_at_once_each_read_every_stored_revocation(
+        broker: Broker, make_app: Callable[..., Any]) -> None:
+    """Given 1,500 revocations stored in RabbitMQ, when three links read them at the same
+    moment (workers started together), then each gets all of them (a reader takes them
+    without acking: readers that overlapped used to get a part each)."""
+    app = make_app()
+    ids = [f"stored-{uuid.uuid4()}" for _ in range(1500)]
+    app.control.revoke(ids)
+    links = [app.control.link() for _ in range(3)]
+    got: list[set[str]] = [set() for _ in links]
+    start = threading.Barrier(len(links))
+
+    def read(i: int) -> None:
+        start.wait(10)
+        got[i] = set(links[i].revoked())
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(links))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        for link in links:
+            link.close()
+    assert [len(set(ids) - seen) for seen in got] == [0, 0, 0]
+    assert broker.counts("taskq.revoked")[1] == 0  # nothing left taken

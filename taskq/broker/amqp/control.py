@@ -11,7 +11,8 @@
   ``ticket``; the sender reads ``<oid>.reply.celery.pidbox``.
 * Revocations: persistent messages in the durable queue ``taskq.revoked``, one per task id
   with its own expiration (RabbitMQ drops it then); read by taking every message without an
-  ack and closing the channel (they go back).
+  ack and closing the channel (they go back), one reader at a time (the exclusive consumer
+  of ``taskq.revoked.lock``: two at once would each take a part).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from amqp import Message
+from amqp import exceptions as amqp_errors
 
 from ..base import ControlLink, command_body, decoded_body
 from .connection import bound, close_quietly
@@ -37,6 +39,8 @@ PIDBOX_EXCHANGE, REPLY_EXCHANGE = "celery.pidbox", "reply.celery.pidbox"
 NODE_QUEUE_ARGUMENTS = {"x-expires": 10_000, "x-message-ttl": 300_000}
 REPLY_QUEUE_ARGUMENTS = {"x-expires": 10_000, "x-message-ttl": 10_000}
 REVOKED_QUEUE = "taskq.revoked"
+#: Readers of REVOKED_QUEUE take turns: the one with the exclusive consumer here reads.
+REVOKED_LOCK = "taskq.revoked.lock"
 #: Revocations kept at most (the oldest go first).
 REVOKED_MAX = 100_000
 JSON = "application/json"
@@ -193,10 +197,10 @@ class AmqpControl(ControlLink):
     def revoked(self) -> dict[str, float]:
         found: dict[str, float] = {}
         now = time.time()
-        with self.bound.until(self._deadline()):
-            channel = plain_channel(self.connection)
+        deadline = self._deadline()
+        with self.bound.until(deadline):
+            channel = self._revoked_lock(deadline)
             try:
-                self._revoked_queue(channel)
                 while (message := channel.basic_get(REVOKED_QUEUE, no_ack=False)) is not None:
                     body = _decoded(message)
                     task_id, until = body.get("task_id"), body.get("until")
@@ -205,8 +209,26 @@ class AmqpControl(ControlLink):
                         found[task_id] = max(float(until), found.get(task_id, 0.0))
             finally:
                 if channel.is_open:
-                    channel.close()  # what it took goes back
+                    channel.close()  # what it took goes back, and the lock goes
         return found
+
+    def _revoked_lock(self, deadline: float) -> Any:
+        """A channel holding the readers' lock: an exclusive consumer on a lock queue (a
+        reader takes every revocation without acking it, so two at once would each see a
+        part)."""
+        while True:
+            channel = plain_channel(self.connection)
+            self._revoked_queue(channel)
+            channel.queue_declare(REVOKED_LOCK, durable=True, exclusive=False,
+                                  auto_delete=False)
+            try:
+                channel.basic_consume(REVOKED_LOCK, callback=_never, exclusive=True)
+                return channel
+            except (amqp_errors.AccessRefused, amqp_errors.ResourceLocked):
+                if time.monotonic() > deadline:  # the broker closed that channel
+                    raise TimeoutError("could not read the stored revocations: other "
+                                       "workers kept reading them") from None
+                time.sleep(0.01)  # another worker reads them now
 
     def tick(self) -> None:
         with self.bound.until(self._deadline()):
@@ -218,3 +240,7 @@ class AmqpControl(ControlLink):
 
 def _decoded(message: Any) -> dict[str, Any]:
     return decoded_body(message.body)
+
+
+def _never(message: Any) -> None:  # nothing is ever published to the lock queue
+    """Consumes the lock queue."""

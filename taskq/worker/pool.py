@@ -128,11 +128,13 @@ class SlotProcesses:
         self.outages = outages
         self.support = support
         self.greeting = greeting or (lambda: [])
+        #: Held while a slot is greeted and listed, and while every listed slot is told: a
+        #: slot starting meanwhile is told what it was not greeted with.
+        self._telling = threading.Lock()
         self.context: Any = forkserver_context(options.app_spec)
-        self.slots = {
-            i: SlotProcess(self.context, options, i, support, self.greeting())
-            for i in range(1, concurrency + 1)
-        }
+        self.slots: dict[int, SlotProcess] = {}
+        for i in range(1, concurrency + 1):
+            self._start(i)
         self.restart_at: dict[int, float] = {}
         self.backoff: dict[int, float] = {}
         #: The first unrecoverable error a slot reported (the worker then stops, exit 1).
@@ -144,10 +146,16 @@ class SlotProcesses:
     def running(self) -> list[str]:
         return [label for slot in self.slots.values() if (label := slot.running())]
 
+    def _start(self, index: int) -> None:
+        with self._telling:
+            self.slots[index] = SlotProcess(self.context, self.options, index, self.support,
+                                            self.greeting())
+
     def tell(self, message: Any) -> None:
         """Send every slot a message from the monitor (see :mod:`.reports`)."""
-        for slot in list(self.slots.values()):
-            slot.send(message)
+        with self._telling:
+            for slot in list(self.slots.values()):
+                slot.send(message)
 
     def kill_running(self, task_id: str) -> bool:
         """Kill the slot process running ``task_id`` (revoke with terminate): the slot is
@@ -202,8 +210,7 @@ class SlotProcesses:
         for index, when in list(self.restart_at.items()):
             if time.monotonic() >= when:
                 del self.restart_at[index]
-                self.slots[index] = SlotProcess(self.context, self.options, index, self.support,
-                                                self.greeting())
+                self._start(index)
 
     def _read_reports(self, slot: SlotProcess) -> None:
         with contextlib.suppress(EOFError, OSError):

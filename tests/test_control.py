@@ -507,3 +507,35 @@ def test_status_on_rabbitmq_asks_the_management_plugin_for_queues_and_unacked_co
     assert not [n for n in names if n.endswith(".dlq") or n.startswith("taskq.")
                 or "pidbox" in n], names
     assert not waiting.ready()  # no worker serves that queue: it still waits there
+
+
+def _session_cpu(session: int) -> float:
+    """CPU seconds (user + system) used so far by every process in ``session``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # field 6: session id
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / ticks
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["plain", "events"])
+def test_an_idle_worker_and_its_monitor_use_almost_no_cpu(
+        events: bool, tasks: SimpleNamespace,
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    """Given an idle worker (its monitor serving remote control, with events on or off),
+    its processes together use well under a tenth of a core: the monitor waits for
+    commands, reports and its heartbeat instead of spinning. CPU is measured over 3 s (a rate
+    needs a window), after a first task showed the worker up."""
+    worker = start_worker("-n", nodename("idle"), *(["-E"] if events else []), concurrency=2)
+    assert tasks.add.delay(1, 1).get(timeout=15) == 2
+    before = _session_cpu(worker.pid)
+    time.sleep(3.0)
+    used = _session_cpu(worker.pid) - before
+    assert used < 0.3, f"an idle worker used {used:.2f} s of CPU in 3 s"

@@ -116,6 +116,9 @@ class Monitor:
         #: Tasks stopped by revoke(terminate=True), whose revoked event is told already.
         self._terminated: dict[str, float] = {}
         self._stop = threading.Event()
+        #: Written to by stop(): the thread's wait ends at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="taskq-monitor", daemon=True)
         self.link: ControlLink | None = None
@@ -130,8 +133,13 @@ class Monitor:
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
+        with _suppressed():
+            os.write(self._wake_w, b"x")
         self._thread.join(timeout)
         self.inbox.close()
+        for fd in (self._wake_r, self._wake_w):
+            with _suppressed():
+                os.close(fd)
         if self._dir is not None:
             with _suppressed():
                 os.rmdir(self._dir)
@@ -164,7 +172,8 @@ class Monitor:
                     self._event("worker-heartbeat", **self._beat_fields())
                     next_beat = now + HEARTBEAT
                 self._flush()
-                self._wait(link, min(link.tick_interval, max(0.0, next_beat - now), 1.0))
+                until_beat = max(0.0, next_beat - now) if self.events_enabled else 1.0
+                self._wait(link, min(link.tick_interval, until_beat, 1.0))
                 link.drain()
                 for command in link.commands():
                     self._command(link, command)
@@ -212,7 +221,10 @@ class Monitor:
             self._take_reports()
 
     def _wait(self, link: ControlLink | None, timeout: float) -> None:
+        if self._stop.is_set():
+            return
         poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
         for fd in self.inbox.filenos():
             poller.register(fd, select.POLLIN)
         if link is not None:

@@ -394,6 +394,15 @@ class Monitor:
                 self._on_task_event(report)
 
     def _on_task_event(self, report: dict[str, Any]) -> None:
+        started = report.pop("started", False)
+        self._on_task_step(report)
+        if started is True:  # a slot's one report of a run's start: received, then started
+            self._on_task_step({"type": "task-started", "uuid": report.get("uuid"),
+                                "name": report.get("name"), "queue": report.get("queue"),
+                                "timestamp": report.get("timestamp"),
+                                "slot_pid": report.get("slot_pid")})
+
+    def _on_task_step(self, report: dict[str, Any]) -> None:
         kind = str(report.get("type"))
         task_id = str(report.get("uuid"))
         if kind == "task-received":

@@ -428,9 +428,8 @@ class Slot:
             "parent_id": headers.get("parent_id"), "retries": headers.get("retries") or 0,
             "eta": headers.get("eta"), "expires": headers.get("expires"),
             "queue": delivery.queue, "exchange": delivery.exchange,
-            "routing_key": delivery.routing_key or delivery.queue})
-        self.watch.report("task-started", {"uuid": job.task_id, "name": job.task,
-                                           "queue": delivery.queue})
+            "routing_key": delivery.routing_key or delivery.queue,
+            "started": True})  # the monitor tells task-started from it too: one report
 
     def _account(self, delivery: Delivery, outcome: Outcome | None,
                  reported: bool | None = None) -> None:

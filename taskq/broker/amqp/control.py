@@ -27,9 +27,11 @@ from amqp import Message
 from amqp import exceptions as amqp_errors
 
 from ..base import ControlLink, command_body, decoded_body
+from .channel import publish_args, raw_writer
 from .connection import bound, close_quietly
 from .consumer import plain_channel
-from .frames import Input, read_waiting
+from .frames import Input, publish_frames, read_waiting
+from .properties import encode_properties
 
 if TYPE_CHECKING:
     from . import AmqpBroker
@@ -60,6 +62,7 @@ class AmqpControl(ControlLink):
             raise
         self.bound.set(timeout)
         self.input = Input(self.connection)
+        self._write = raw_writer(self.connection)
         heartbeat = float(self.connection.heartbeat or 0)
         self.tick_interval = heartbeat / 4 if heartbeat else 1.0
         self.oid = uuid.uuid4().hex
@@ -84,11 +87,21 @@ class AmqpControl(ControlLink):
     # -- events ----------------------------------------------------------------------------
 
     def send_events(self, events: Sequence[dict[str, Any]]) -> None:
+        """A batch of events in one write, framed by taskq's own encoders (py-amqp's
+        basic_publish costs tens of µs a message, and a task makes three events)."""
         with self.bound.until(self._deadline()):
             self._exchange(EVENT_EXCHANGE, "topic", durable=True)
+            frames = []
+            channel_id, frame_max = self.channel.channel_id, self.connection.frame_max
             for event in events:
-                self._publish(event, EVENT_EXCHANGE, str(event.get("type", "")).replace("-", "."),
-                              {"hostname": event.get("hostname")})
+                properties = encode_properties({
+                    "content_type": JSON, "content_encoding": "utf-8", "delivery_mode": 1,
+                    "application_headers": {"hostname": str(event.get("hostname") or "")}})
+                routing_key = str(event.get("type", "")).replace("-", ".")
+                frames.append(publish_frames(
+                    channel_id, publish_args(EVENT_EXCHANGE, routing_key, False), properties,
+                    json.dumps(event, default=str).encode(), frame_max))
+            self._write(b"".join(frames))
 
     def watch_events(self) -> None:
         with self.bound.until(self._deadline()):

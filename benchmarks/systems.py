@@ -226,25 +226,22 @@ def huey_system(poll: float) -> System:
     )
 
 
+def taskq_rabbitmq(name: str, events: bool = False) -> System:
+    """taskq on RabbitMQ, each run in a vhost of its own."""
+    return System(
+        name=name,
+        place=Vhost,
+        ready_count=SLOTS,
+        bulk_method="delay_many (pipelined confirms)",
+        worker_argv=taskq_events_argv if events else taskq_argv,
+        worker_env=taskq_env,
+        client=TaskqClient,
+    )
+
+
 RABBITMQ_SYSTEMS = [
-    System(
-        name="taskq",
-        place=Vhost,
-        ready_count=SLOTS,
-        bulk_method="delay_many (pipelined confirms)",
-        worker_argv=taskq_argv,
-        worker_env=taskq_env,
-        client=TaskqClient,
-    ),
-    System(
-        name="taskq-events",
-        place=Vhost,
-        ready_count=SLOTS,
-        bulk_method="delay_many (pipelined confirms)",
-        worker_argv=taskq_events_argv,
-        worker_env=taskq_env,
-        client=TaskqClient,
-    ),
+    taskq_rabbitmq("taskq"),
+    taskq_rabbitmq("taskq-events", events=True),
     System(
         name="floor",
         place=Vhost,

@@ -327,8 +327,9 @@ def test_chords_under_random_kill_9_of_slots_call_back_exactly_once(
         make_app: Callable[..., App], start_worker: Callable[..., WorkerProcess],
         tmp_path: Path, broker: Broker, queue: str) -> None:
     """Given 12 chords of 6 header tasks on a worker whose slot processes are killed with
-    kill -9 at random moments, then every chord's callback runs exactly once, with every
-    result in order, and every caller gets it."""
+    kill -9 at random moments, then every chord's callback is stored once: it runs once, with
+    every result in order (again only if the slot running it was killed: at least once), and
+    every caller gets it."""
     worker = start_worker(app=FLOWS, concurrency=2)
     flow = flows.build(make_app())
     logs = [tmp_path / f"chord-{n}" for n in range(12)]
@@ -361,7 +362,13 @@ def test_chords_under_random_kill_9_of_slots_call_back_exactly_once(
     _quiet(broker, queue)
     for log in logs:
         callbacks = [line for line in _notes(log) if line.startswith("callback")]
-        assert callbacks == ["callback " + json.dumps([0, 10, 20, 30, 40, 50])], (log, callbacks)
+        runs = [int(pid) for pid in _notes(Path(f"{log}.pids"))]
+        # a run cut short by a kill after its note is run again (at least once); any other
+        # second run would be a callback stored twice
+        cut_short = [pid for pid in runs[:-1] if pid in kills]
+        assert callbacks == ["callback " + json.dumps([0, 10, 20, 30, 40, 50])] * (
+            1 + len(cut_short)), (log, callbacks, runs, kills)
+        assert len(runs) == len(callbacks) and runs[-1] not in cut_short
     assert broker.counts(queue)[0] == 0
 
 

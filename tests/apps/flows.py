@@ -40,7 +40,9 @@ def part(index: int, path: str, pause: float = 0.0) -> int:
 
 
 def join(values: list[int], path: str) -> list[int]:
-    """A chord callback: note the values it got (once per run, at its end)."""
+    """A chord callback: note the values it got (once per run, at its end), and which
+    process ran it (in ``path``.pids: a kill -9 right after the note explains a second run)."""
+    _note(path + ".pids", str(os.getpid()))
     _note(path, "callback " + json.dumps(values))
     return values
 

@@ -292,14 +292,24 @@ class DeadLetter:
     ref: Any = None
 
 
-class Admin(abc.ABC):
-    """Looking into dead letters and moving them (``taskq dlq``). A context manager."""
+_C = TypeVar("_C", bound="Closing")
 
-    def __enter__(self) -> Admin:
+
+class Closing(abc.ABC):
+    """A broker link or tool used as a context manager: ``with ... as x:`` closes it."""
+
+    def __enter__(self: _C) -> _C:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Admin(Closing):
+    """Looking into dead letters and moving them (``taskq dlq``). A context manager."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -375,7 +385,7 @@ def command_body(method: str, arguments: dict[str, Any], destination: Sequence[s
     return body
 
 
-class ControlLink(abc.ABC):
+class ControlLink(Closing):
     """Celery's monitoring protocols, on the broker: events and remote control (pidbox).
 
     Bodies are Celery's, as dicts; the broker carries them as Celery's tools expect (on
@@ -386,12 +396,6 @@ class ControlLink(abc.ABC):
 
     input: Readiness
     tick_interval: float = 1.0
-
-    def __enter__(self) -> ControlLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- events
     @abc.abstractmethod
@@ -470,7 +474,7 @@ class ControlLink(abc.ABC):
         self._awaited: set[str] = set()
 
 
-class BeatLink(abc.ABC):
+class BeatLink(Closing):
     """A scheduler's link (``taskq beat``): which of the beats of a schedule is active, and
     which due times it fired. A context manager, used by one thread.
 
@@ -481,12 +485,6 @@ class BeatLink(abc.ABC):
 
     #: How often :meth:`tick` must run while the link is open (seconds).
     tick_interval: float = 1.0
-
-    def __enter__(self) -> BeatLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @abc.abstractmethod
     def lead(self, schedule: str) -> bool:

@@ -14,7 +14,6 @@ their own in the wake directory:
 from __future__ import annotations
 
 import json
-import select
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BrokerUnavailable
 from ..base import ControlLink, command_body, decoded_body
-from .wake import Listener
+from .wake import Listener, ListenerReadiness
 
 if TYPE_CHECKING:
     from . import SqliteBroker
@@ -44,7 +43,7 @@ class SqliteControl(ControlLink):
         self.store.connection()  # the file's checks: a clear error now
         self.oid = uuid.uuid4().hex
         self.listener = Listener(broker.wake_dir, [], f"c-{self.oid[:16]}")
-        self.input = _Input(self.listener)
+        self.input = ListenerReadiness(self.listener)
         self._events_after: int | None = None
         self._commands_after: int | None = None
         self._sent_events = 0
@@ -123,14 +122,14 @@ class SqliteControl(ControlLink):
                                    (self._events_after,))
             for row_id, body in rows:
                 self._events_after = row_id
-                self._events.append(_decoded(body))
+                self._events.append(decoded_body(body))
         if self._commands_after is not None:
             now = time.time()
             rows = self.store.read("SELECT id, body FROM commands WHERE id > ? ORDER BY id",
                                    (self._commands_after,))
             for row_id, body in rows:
                 self._commands_after = row_id
-                command = _decoded(body)
+                command = decoded_body(body)
                 expires = command.get("expires")
                 if not isinstance(expires, (int, float)) or not expires or expires >= now:
                     self._commands.append(command)  # Celery's rule: past its expiry, dropped
@@ -141,7 +140,7 @@ class SqliteControl(ControlLink):
                 with self.store.write(self._deadline()) as conn:
                     conn.execute("DELETE FROM command_replies WHERE id <= ? AND ticket = ?",
                                  (rows[-1][0], ticket))
-                self._replies.setdefault(ticket, []).extend(_decoded(b) for _, b in rows)
+                self._replies.setdefault(ticket, []).extend(decoded_body(b) for _, b in rows)
 
     # -- revocations -----------------------------------------------------------------------
 
@@ -162,19 +161,3 @@ class SqliteControl(ControlLink):
         self.listener.close()
 
 
-def _decoded(body: str) -> dict[str, Any]:
-    return decoded_body(body)
-
-
-class _Input:
-    def __init__(self, listener: Listener) -> None:
-        self._listener = listener
-
-    def fileno(self) -> int:
-        return self._listener.fileno()
-
-    def buffered(self) -> bool:
-        return False
-
-    def waiting(self) -> bool:
-        return bool(select.select([self._listener.fileno()], [], [], 0)[0])

@@ -24,7 +24,7 @@ from ..base import NOTHING_AFTER, After, DeliveryCallback, Reply, SlotLink
 from .client import copies_of, insert_message
 from .names import home_queue, is_member
 from .store import decode_props, encode_props
-from .wake import FALLBACK, Listener
+from .wake import FALLBACK, Listener, ListenerReadiness
 
 if TYPE_CHECKING:
     import sqlite3
@@ -67,20 +67,6 @@ def _first_send(conn: sqlite3.Connection, envelope: Envelope, now: float) -> boo
 _NOBODY = Delivery(b"", None, {}, None, None, False, "")
 
 
-class _Readiness:
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
-
-    def fileno(self) -> int:
-        return self.listener.fileno()
-
-    def buffered(self) -> bool:
-        return False
-
-    def waiting(self) -> bool:
-        return False  # drain() looks at the file itself: nothing half-read to finish
-
-
 class SqliteSlot(SlotLink):
     tick_interval = 1.0
 
@@ -101,7 +87,7 @@ class SqliteSlot(SlotLink):
             broker.wake_dir, queues, f"s-{self.holder:x}-{id(self):x}"
         )
         self._member_look = 0.0  # when to look at the broadcast queue next (monotonic)
-        self.input = _Readiness(self.listener)
+        self.input = ListenerReadiness(self.listener)
         self.opened_at = time.monotonic()
         self._active = False
         self._held: Any = None

@@ -162,3 +162,20 @@ class Listener:
         with contextlib.suppress(OSError):
             self.path.unlink()
         self.sock.close()
+
+
+class ListenerReadiness:
+    """A link's ``input`` (see :class:`~taskq.broker.base.Readiness`) when a wake-up datagram
+    is all that arrives: its drain() looks at the file itself, so nothing is half-read."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def buffered(self) -> bool:
+        return False
+
+    def waiting(self) -> bool:
+        return False
